@@ -1,0 +1,29 @@
+# Two commands set everything up on a fresh machine: `make train` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdir/default
+# Extra flags for train, e.g. make train ARGS="--config.num_train_steps=100"
+ARGS ?=
+
+.PHONY: install train test bench clean
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+train: install
+	$(PY) -m mixtral_jax.train --config=configs/default.py --workdir=$(WORKDIR) $(ARGS)
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) benchmarks/moe_layer.py
+
+clean:
+	rm -rf $(VENV) workdir

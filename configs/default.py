@@ -1,0 +1,103 @@
+"""Default config: a tiny Mixtral-style MoE that trains in minutes on a laptop CPU."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default training configuration."""
+  config = ml_collections.ConfigDict()
+
+  # Number of optimizer updates.
+  config.num_train_steps = 600
+  # Sequences per optimizer update, summed over all devices and hosts.
+  config.global_batch_size = 16
+  # Tokens per training sequence.
+  config.seq_len = 256
+  # Seed for parameter init, data order and router jitter.
+  config.seed = 0
+  # Log metrics to the console and metrics.jsonl every this many steps.
+  config.log_every_steps = 20
+  # Run the held-out evaluation every this many steps (0 = only at the end).
+  config.eval_every_steps = 200
+  # Held-out batches per evaluation.
+  config.eval_batches = 8
+  # Save a checkpoint every this many steps (0 = only at the end); a rerun resumes from the latest.
+  config.checkpoint_every_steps = 200
+  # Checkpoints kept on disk (the oldest are deleted).
+  config.keep_checkpoints = 2
+  # Peak learning rate reached after warmup.
+  config.learning_rate = 3e-3
+  # Linear warmup steps before cosine decay.
+  config.warmup_steps = 60
+  # Final learning rate as a fraction of the peak.
+  config.min_learning_rate_ratio = 0.1
+  # AdamW decoupled weight decay (not applied to norms).
+  config.weight_decay = 0.1
+  # AdamW first-moment decay.
+  config.adam_b1 = 0.9
+  # AdamW second-moment decay.
+  config.adam_b2 = 0.95
+  # AdamW epsilon.
+  config.adam_eps = 1e-8
+  # Clip gradients to this global L2 norm (0 = no clipping).
+  config.grad_clip_norm = 1.0
+  # Split each global batch into this many micro-batches and sum their gradients.
+  config.grad_accum_steps = 1
+
+  config.model = model = ml_collections.ConfigDict()
+  # Tokenizer vocabulary size (the SentencePiece model must match).
+  model.vocab_size = 8000
+  # Residual stream width.
+  model.hidden_size = 128
+  # Width of each expert's SwiGLU hidden layer.
+  model.intermediate_size = 256
+  # Number of decoder blocks.
+  model.num_layers = 4
+  # Query heads per attention layer.
+  model.num_heads = 4
+  # Key/value heads (grouped-query attention); must divide num_heads.
+  model.num_kv_heads = 2
+  # Width of each attention head.
+  model.head_dim = 32
+  # Experts per MoE layer.
+  model.num_experts = 8
+  # Experts each token is routed to (top-k).
+  model.experts_per_token = 2
+  # Expert capacity = ceil(capacity_factor * tokens * k / E) for dispatch="capacity".
+  model.capacity_factor = 1.25
+  # "dropless" (sorted, grouped matmul, never drops) or "capacity" (fixed buffers, drops overflow).
+  model.dispatch = "dropless"
+  # Grouped matmul for dropless: "blocked" (fast on CPU), "ragged_dot" (GPU/TPU), "auto".
+  model.grouped_matmul = "auto"
+  # Rows per block of the dropless layout; each expert's group is padded to a multiple of it.
+  model.block_size = 128
+  # Weight of the Switch load-balancing loss (balanced routing gives experts_per_token).
+  model.router_aux_loss_coef = 0.02
+  # Weight of the ST-MoE router z-loss.
+  model.router_z_loss_coef = 0.001
+  # Multiplicative uniform jitter on router inputs during training (0 = off).
+  model.router_jitter_noise = 0.0
+  # RoPE base frequency.
+  model.rope_theta = 1e6
+  # RMSNorm epsilon.
+  model.rms_norm_eps = 1e-5
+  # Attend to at most this many previous tokens, the current included (0 = full causal).
+  model.sliding_window = 0
+  # Compute dtype of activations and matmuls ("float32" or "bfloat16"); params stay float32.
+  model.dtype = "float32"
+  # Rematerialise each decoder block in the backward pass to save activation memory.
+  model.remat = False
+
+  config.data = data = ml_collections.ConfigDict()
+  # Corpus: "stdlib" = the running Python's standard-library sources (present on every machine).
+  data.source = "stdlib"
+  # Directory for the built dataset, tokenizer and token caches.
+  data.data_dir = "~/.cache/mixtral_jax"
+  # Root of the .py files for source="stdlib" ("" = this interpreter's stdlib).
+  data.files_root = ""
+  # Existing SentencePiece .model to use ("" = train one on the training split and cache it).
+  data.tokenizer_path = ""
+  # Fraction of files held out for evaluation.
+  data.eval_fraction = 0.02
+
+  return config

@@ -1,0 +1,60 @@
+"""A bank of E SwiGLU experts applied to a grouped buffer of rows: y = (silu(x W1) * x W3) W2."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mixtral_jax import grouped_matmul
+from mixtral_jax.dispatch import Layout
+from mixtral_jax.layers import kernel_init
+
+
+def resolve_grouped_matmul(name: str) -> str:
+  """"auto" picks the blocked loop on CPU and ragged_dot where XLA has a native grouped matmul."""
+  if name != "auto":
+    return name
+  return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+
+
+def swiglu(gate_up):
+  """gate_up [..., 2, I] → silu(gate) * up [..., I]."""
+  return jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+
+
+class SwiGLUExperts(nn.Module):
+  """Expert weights [E, …] (sharded over the `exp` logical axis) and their grouped application.
+
+  W1 and W3 are stored fused as `gate_up` [E, D, 2, I] so one matmul computes both, and a
+  split of I keeps each gate column beside its up column.
+  """
+  num_experts: int
+  intermediate_size: int
+  grouped_matmul: str = "blocked"
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, rows, layout: Layout, dispatch: str):  # rows [R, D]
+    num_rows, hidden = rows.shape
+    e, inter = self.num_experts, self.intermediate_size
+    gate_up = self.param(
+        "gate_up", nn.with_logical_partitioning(kernel_init, ("exp", "embed", None, "mlp")),
+        (e, hidden, 2, inter), jnp.float32).astype(self.dtype)
+    down = self.param("down", nn.with_logical_partitioning(kernel_init, ("exp", "mlp", "embed")),
+                      (e, inter, hidden), jnp.float32).astype(self.dtype)
+    gate_up = gate_up.reshape(e, hidden, 2 * inter)
+    rows = rows.astype(self.dtype)
+
+    if dispatch == "capacity":
+      x = rows.reshape(e, layout.block_size, hidden)  # [E, C, D]
+      h = swiglu(grouped_matmul.batched_matmul(x, gate_up).reshape(e, -1, 2, inter))
+      return grouped_matmul.batched_matmul(h, down).reshape(num_rows, hidden)
+    if self.grouped_matmul == "ragged_dot":
+      h = swiglu(grouped_matmul.ragged_matmul(rows, gate_up, layout.group_sizes)
+                 .reshape(num_rows, 2, inter))
+      return grouped_matmul.ragged_matmul(h, down, layout.group_sizes)
+    blocks = rows.reshape(-1, layout.block_size, hidden)  # [nb, B, D]
+    h = grouped_matmul.blocked_matmul(blocks, gate_up, layout.block_expert,
+                                      layout.num_active_blocks)
+    h = swiglu(h.reshape(blocks.shape[:2] + (2, inter)))
+    y = grouped_matmul.blocked_matmul(h, down, layout.block_expert, layout.num_active_blocks)
+    return y.reshape(num_rows, hidden)

@@ -1,0 +1,82 @@
+"""The Mixtral decoder: embeddings → N × [RMSNorm → GQA attention → RMSNorm → MoE] → RMSNorm → LM head."""
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mixtral_jax.attention import Attention
+from mixtral_jax.experts import resolve_grouped_matmul
+from mixtral_jax.layers import RMSNorm, kernel_init
+from mixtral_jax.moe import MoE, MoEStats
+
+
+class DecoderBlock(nn.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then h + moe(norm(h))."""
+  config: ml_collections.FrozenConfigDict
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, token_mask, deterministic: bool):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    h = RMSNorm(cfg.rms_norm_eps, dtype, name="input_norm")(x)
+    h = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
+                  cfg.sliding_window, dtype, name="attention")(h, positions, segment_ids)
+    x = x + h
+    h = RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_norm")(x)
+    h, stats = MoE(cfg.num_experts, cfg.experts_per_token, cfg.intermediate_size, cfg.dispatch,
+                   cfg.capacity_factor, cfg.block_size, resolve_grouped_matmul(cfg.grouped_matmul),
+                   cfg.router_jitter_noise, dtype, name="moe")(h, token_mask, deterministic)
+    x = nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
+    return x, stats
+
+
+class Mixtral(nn.Module):
+  """Mixtral-style sparse MoE language model; `config` is the `model` part of a training config."""
+  config: ml_collections.FrozenConfigDict
+
+  @nn.compact
+  def __call__(self, tokens, positions: Optional[jax.Array] = None,
+               segment_ids: Optional[jax.Array] = None, token_mask: Optional[jax.Array] = None,
+               deterministic: bool = True):
+    """tokens [B, T] → (logits [B, T, V] float32, MoEStats with a leading [L] layer axis).
+
+    `positions` restart at 0 for each packed document and `segment_ids` keep attention inside
+    one; both default to a single document per row. `token_mask` [B, T] excludes padding from
+    the router statistics.
+    """
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    if segment_ids is None:
+      segment_ids = jnp.zeros_like(tokens)
+    embed = self.param("embed", nn.with_logical_partitioning(kernel_init, ("vocab", "embed")),
+                       (cfg.vocab_size, cfg.hidden_size), jnp.float32)
+    x = embed.astype(dtype)[tokens]  # [B, T, D]
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    block = nn.remat(DecoderBlock, static_argnums=(5,)) if cfg.remat else DecoderBlock
+    layer_stats = []
+    for i in range(cfg.num_layers):
+      x, stats = block(cfg, name=f"layer_{i}")(x, positions, segment_ids, token_mask,
+                                               deterministic)
+      layer_stats.append(stats)
+    x = RMSNorm(cfg.rms_norm_eps, dtype, name="final_norm")(x)
+    logits = nn.DenseGeneral(
+        cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(kernel_init, ("embed", "vocab")),
+        name="lm_head")(x)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layer_stats)
+    return logits.astype(jnp.float32), MoEStats(*stacked)
+
+
+def count_params(params, model_config) -> tuple[int, int]:
+  """(total, active per token) parameter counts; active counts k of the E experts per layer."""
+  total = sum(x.size for x in jax.tree.leaves(params))
+  expert = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
+               if any(getattr(p, "key", None) == "experts" for p in path))
+  active = total - expert + expert * model_config.experts_per_token // model_config.num_experts
+  return total, active

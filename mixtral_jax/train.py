@@ -1,0 +1,222 @@
+"""Training loop: config → data → model → jitted train step → metrics.
+
+    python -m mixtral_jax.train --config=configs/default.py --workdir=/tmp/run \
+        --config.num_train_steps=100 --config.model.dispatch=capacity
+"""
+
+import json
+import os
+import time
+from typing import Any, Callable, Optional
+
+from absl import app, flags, logging
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import optax
+
+from mixtral_jax import checkpoint as checkpoint_lib
+from mixtral_jax import config as config_lib
+from mixtral_jax import data as data_lib
+from mixtral_jax import metrics as metrics_lib
+from mixtral_jax.model import Mixtral, count_params
+from mixtral_jax.optimizer import learning_rate_schedule, make_optimizer
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def build_model(config: ml_collections.ConfigDict) -> Mixtral:
+  """The model for a (validated) training config."""
+  return Mixtral(ml_collections.FrozenConfigDict(config.model))
+
+
+def init_state(config, model: Mixtral, optimizer: optax.GradientTransformation) -> TrainState:
+  """Fresh parameters and optimizer state from `config.seed`."""
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  tokens = jnp.zeros((1, min(config.seq_len, 8)), jnp.int32)
+  params = nn.unbox(model.init(init_rng, tokens)["params"])
+  return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), train_rng)
+
+
+def cross_entropy(logits, targets, weights):
+  """(Σ weighted token losses, Σ weights) so micro-batches can be combined exactly."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+def make_loss_fn(model: Mixtral, model_config) -> Callable:
+  """loss(params, batch, rng) → (total loss, metrics) for one (micro-)batch."""
+
+  def loss_fn(params, batch: Batch, rng):
+    logits, stats = model.apply({"params": params}, batch["inputs"],
+                                token_mask=batch["weights"], deterministic=False,
+                                rngs={"jitter": rng})
+    ce_sum, weight_sum = cross_entropy(logits, batch["targets"], batch["weights"])
+    ce = ce_sum / jnp.maximum(weight_sum, 1.0)
+    aux, z = jnp.mean(stats.aux_loss), jnp.mean(stats.z_loss)
+    loss = ce + model_config.router_aux_loss_coef * aux + model_config.router_z_loss_coef * z
+    metrics = {"loss": loss, "ce_loss": ce, "aux_loss": aux, "z_loss": z,
+               "dropped_fraction": jnp.mean(stats.dropped_fraction),
+               "expert_load": stats.expert_load}
+    return loss, metrics
+
+  return loss_fn
+
+
+def make_train_step(config, model: Mixtral, optimizer: optax.GradientTransformation) -> Callable:
+  """train_step(state, batch) → (state, metrics); accumulates `grad_accum_steps` micro-batches."""
+  grad_fn = jax.value_and_grad(make_loss_fn(model, config.model), has_aux=True)
+  schedule = learning_rate_schedule(config)
+  accum = config.grad_accum_steps
+
+  def train_step(state: TrainState, batch: Batch):
+    rng, step_rng = jax.random.split(state.rng)
+    micro = jax.tree.map(lambda x: x.reshape((accum, -1) + x.shape[1:]), batch)
+
+    def micro_step(grads, inputs):
+      micro_batch, micro_rng = inputs
+      (_, metrics), g = grad_fn(state.params, micro_batch, micro_rng)
+      return jax.tree.map(jnp.add, grads, g), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, metrics = jax.lax.scan(micro_step, zeros, (micro, jax.random.split(step_rng, accum)))
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics.update(grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step))
+    return TrainState(state.step + 1, params, opt_state, rng), metrics
+
+  return train_step
+
+
+def make_eval_step(model: Mixtral) -> Callable:
+  """eval_step(params, batch) → (Σ token losses, Σ weights)."""
+
+  def eval_step(params, batch: Batch):
+    logits, _ = model.apply({"params": params}, batch["inputs"], token_mask=batch["weights"])
+    return cross_entropy(logits, batch["targets"], batch["weights"])
+
+  return eval_step
+
+
+def evaluate(eval_step: Callable, params, data, num_batches: int) -> dict[str, float]:
+  """Mean held-out cross-entropy (nats/token) and perplexity over `num_batches` batches."""
+  loss_sum, weight_sum = 0.0, 0.0
+  for batch in data.eval_batches(num_batches):
+    batch_loss, batch_weight = eval_step(params, batch)
+    loss_sum += float(batch_loss)
+    weight_sum += float(batch_weight)
+  eval_loss = loss_sum / max(weight_sum, 1.0)
+  return {"eval_loss": eval_loss, "eval_perplexity": float(np.exp(eval_loss))}
+
+
+def _mean_metrics(history: list[dict]) -> dict:
+  return jax.tree.map(lambda *xs: np.mean(np.stack([np.asarray(x) for x in xs]), axis=0),
+                      *history)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_at_step: Optional[int] = None) -> dict[str, Any]:
+  """Trains `config` in `workdir` and returns a summary (first/last loss, eval, baseline).
+
+  Resumes from the latest checkpoint in `workdir` if there is one. `stop_at_step` ends the run
+  early (with a checkpoint), as a preemption would, without changing the schedule.
+  """
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+  data = data_lib.make_data(config)
+  model = build_model(config)
+  optimizer = make_optimizer(config)
+  state = init_state(config, model, optimizer)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint_every_steps,
+                                             config.keep_checkpoints)
+  start_step = 0
+  if checkpointer.latest_step() is not None:
+    state = checkpointer.restore(state)
+    start_step = int(state.step)
+    print(f"resuming from checkpoint at step {start_step} in {workdir}", flush=True)
+  last_step = min(config.num_train_steps, stop_at_step or config.num_train_steps)
+  if start_step >= last_step:
+    checkpointer.close()
+    print(f"nothing to do: the checkpoint is at step {start_step}, the run ends at {last_step}")
+    return {"resumed_step": start_step}
+  total, active = count_params(state.params, config.model)
+  logging.info("Model: %s parameters, %s active per token.", f"{total:,}", f"{active:,}")
+  print(f"model: {total:,} parameters ({active:,} active) | corpus unigram entropy "
+        f"{data.unigram_entropy:.3f} nats/token", flush=True)
+
+  train_step = jax.jit(make_train_step(config, model, optimizer), donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(model))
+  writer = metrics_lib.MetricsWriter(workdir)
+  progress = metrics_lib.ProgressBar(config.num_train_steps)
+  tokens_per_step = config.global_batch_size * config.seq_len
+  history, first_loss, last_metrics, eval_metrics = [], None, {}, {}
+  interval_start, interval_steps = time.perf_counter(), 0
+
+  for step in range(start_step + 1, last_step + 1):
+    state, metrics = train_step(state, data.train_batch(step - 1))
+    history.append(metrics)
+    interval_steps += 1
+    is_last = step == last_step
+    checkpointer.maybe_save(step, state, is_last)
+    if step % config.log_every_steps == 0 or is_last or step == start_step + 1:
+      logged = _mean_metrics(history)
+      elapsed = time.perf_counter() - interval_start
+      logged["tokens_per_sec"] = tokens_per_step * interval_steps / elapsed
+      if first_loss is None:
+        first_loss = float(logged["loss"])
+      if ((config.eval_every_steps and step % config.eval_every_steps == 0) or
+          step == config.num_train_steps):
+        eval_metrics = evaluate(eval_step, state.params, data, config.eval_batches)
+        logged.update(eval_metrics)
+      writer.write(step, logged)
+      # The first step's time is mostly compilation: no ETA from it.
+      progress.show(step, float(logged["loss"]), logged["tokens_per_sec"],
+                    elapsed / interval_steps if step > start_step + 1 else None)
+      last_metrics = logged
+      history, interval_start, interval_steps = [], time.perf_counter(), 0
+
+  checkpointer.close()
+  summary = {"first_loss": first_loss, "final_loss": float(last_metrics["loss"]),
+             "unigram_entropy": data.unigram_entropy, **eval_metrics}
+  print("done: " + json.dumps(summary), flush=True)
+  return summary
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training config file.")
+_WORKDIR = flags.DEFINE_string("workdir", "workdir", "Directory for metrics and checkpoints.")
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    config_lib.validate(_CONFIG.value)
+  except config_lib.ConfigError as e:
+    raise SystemExit(f"error: {e}") from None
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+def run() -> None:
+  """Console-script entry point (`mixtral-train`)."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,31 @@
+"""Install with `pip install -e ".[dev]"` (the Makefile does this in .venv)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mixtral_jax",
+    version="0.1.0",
+    description="Pretrain Mixtral-style sparse Mixture-of-Experts language models in JAX/Flax.",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["mixtral_jax", "mixtral_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "ml-collections>=1.1.0",
+        "sentencepiece>=0.2.0",
+        "tensorflow-datasets>=4.9.10",
+        "array-record>=0.8.0",
+        "absl-py>=2.0",
+        "numpy>=2.0",
+    ],
+    extras_require={
+        "dev": ["pytest>=8.0"],
+    },
+    entry_points={
+        "console_scripts": ["mixtral-train=mixtral_jax.train:run"],
+    },
+)

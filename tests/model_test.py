@@ -1,0 +1,102 @@
+"""Model: causality, sliding window, packed documents, parameter counts, bf16, remat."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import default, mixtral_8x7b
+from mixtral_jax.model import Mixtral, count_params
+
+
+def tiny_model_config(**overrides):
+  model = default.get_config().model
+  model.update(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+               num_kv_heads=2, head_dim=8, num_experts=4, block_size=8)
+  model.update(overrides)
+  return model
+
+
+def init(model_config, tokens, seed=0):
+  model = Mixtral(ml_collections.FrozenConfigDict(model_config))
+  params = nn.unbox(model.init(jax.random.PRNGKey(seed), tokens))["params"]
+  # Larger weights than the 0.02 init so differences show up well above float noise.
+  params = jax.tree.map(lambda p: p * 5.0 if p.ndim > 1 else p, params)
+  return Jitted(model), params
+
+
+class Jitted:
+  """The model with a jitted `apply` (eager op-by-op execution is slow)."""
+
+  def __init__(self, model):
+    self.apply = jax.jit(model.apply, static_argnames="deterministic")
+
+
+@pytest.mark.parametrize("overrides", [dict(dispatch="dropless"),
+                                       dict(dispatch="dropless", grouped_matmul="ragged_dot"),
+                                       dict(dispatch="capacity", capacity_factor=4.0)])
+def test_future_tokens_never_change_past_logits(overrides):
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, 97)
+  model, params = init(tiny_model_config(**overrides), tokens)
+  logits, _ = model.apply({"params": params}, tokens)
+  for t in (0, 7, 22):
+    changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 13) % 97)
+    changed_logits, _ = model.apply({"params": params}, changed)
+    np.testing.assert_allclose(changed_logits[:, :t + 1], logits[:, :t + 1], atol=1e-5)
+    assert not np.allclose(changed_logits[:, t + 1:], logits[:, t + 1:], atol=1e-3)
+
+
+def test_sliding_window_limits_what_a_layer_sees():
+  window = 4
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (1, 20), 0, 97)
+  model, params = init(tiny_model_config(num_layers=1, sliding_window=window), tokens)
+  logits, _ = model.apply({"params": params}, tokens)
+  t = 15
+  # One layer: position t sees t-window+1 .. t, so tokens up to t-window don't matter.
+  changed = tokens.at[:, :t - window + 1].set((tokens[:, :t - window + 1] + 5) % 97)
+  np.testing.assert_allclose(model.apply({"params": params}, changed)[0][:, t], logits[:, t],
+                             atol=1e-5)
+  changed = tokens.at[:, t - window + 1].set((tokens[:, t - window + 1] + 5) % 97)
+  assert not np.allclose(model.apply({"params": params}, changed)[0][:, t], logits[:, t],
+                         atol=1e-3)
+
+
+def test_packed_row_equals_documents_run_alone():
+  doc_a = jax.random.randint(jax.random.PRNGKey(3), (1, 9), 0, 97)
+  doc_b = jax.random.randint(jax.random.PRNGKey(4), (1, 7), 0, 97)
+  packed = jnp.concatenate([doc_a, doc_b], axis=1)
+  segment_ids = jnp.array([[1] * 9 + [2] * 7])
+  positions = jnp.array([list(range(9)) + list(range(7))])
+  model, params = init(tiny_model_config(), packed)
+  packed_logits, _ = model.apply({"params": params}, packed, positions, segment_ids)
+  alone_a, _ = model.apply({"params": params}, doc_a)
+  alone_b, _ = model.apply({"params": params}, doc_b)
+  np.testing.assert_allclose(packed_logits[:, :9], alone_a, atol=1e-5)
+  np.testing.assert_allclose(packed_logits[:, 9:], alone_b, atol=1e-5)
+
+
+def test_mixtral_8x7b_parameter_counts():
+  config = mixtral_8x7b.get_config()
+  model = Mixtral(ml_collections.FrozenConfigDict(config.model))
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0),
+                                                      jnp.zeros((1, 1), jnp.int32)))["params"])
+  total, active = count_params(shapes, config.model)
+  assert total == pytest.approx(46.7e9, rel=0.01)
+  assert active == pytest.approx(12.9e9, rel=0.01)
+
+
+def test_bfloat16_and_remat_agree_with_float32():
+  tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 16), 0, 97)
+  model32, params = init(tiny_model_config(), tokens)
+  model16 = Jitted(Mixtral(ml_collections.FrozenConfigDict(tiny_model_config(dtype="bfloat16"))))
+  remat = Jitted(Mixtral(ml_collections.FrozenConfigDict(tiny_model_config(remat=True))))
+  loss = lambda model: lambda p: jnp.mean(
+      jax.nn.log_softmax(model.apply({"params": p}, tokens, deterministic=False)[0])[..., 0])
+  l32, g32 = jax.jit(jax.value_and_grad(loss(model32)))(params)
+  l16, _ = jax.jit(jax.value_and_grad(loss(model16)))(params)
+  lr, gr = jax.jit(jax.value_and_grad(loss(remat)))(params)
+  assert abs(float(l16) - float(l32)) < 0.05 * abs(float(l32))
+  np.testing.assert_allclose(lr, l32, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), gr, g32)

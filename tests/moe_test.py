@@ -1,0 +1,134 @@
+"""Dispatch: every sparse path equals the dense every-expert oracle, forward and gradients."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixtral_jax import dispatch, grouped_matmul, oracle
+from mixtral_jax.experts import swiglu
+from mixtral_jax.moe import MoE
+
+NUM_EXPERTS, K, HIDDEN, INTER = 8, 2, 32, 48
+
+
+def moe_and_params(dispatch_mode, gmm="blocked", capacity_factor=8.0, block_size=16, seed=0):
+  module = MoE(NUM_EXPERTS, K, INTER, dispatch_mode, capacity_factor, block_size, gmm)
+  x = jax.random.normal(jax.random.PRNGKey(seed), (3, 40, HIDDEN))
+  params = nn.unbox(module.init(jax.random.PRNGKey(seed + 1), x))["params"]
+  # Larger than the 0.02 init so outputs and gradients are O(1) and the tolerance means something.
+  params = jax.tree.map(lambda p: p * 10.0, params)
+  return module, params, x
+
+
+@pytest.mark.parametrize("dispatch_mode,gmm", [("dropless", "blocked"),
+                                               ("dropless", "ragged_dot"),
+                                               ("capacity", "blocked")])
+def test_dispatch_matches_dense_oracle(dispatch_mode, gmm):
+  module, params, x = moe_and_params(dispatch_mode, gmm)
+  sparse = jax.jit(lambda p, x: module.apply({"params": p}, x)[0])
+  dense = jax.jit(lambda p, x: oracle.dense_moe(p, x, K))
+  np.testing.assert_allclose(sparse(params, x), dense(params, x), atol=1e-5, rtol=1e-5)
+  assert float(jnp.abs(dense(params, x)).mean()) > 0.1  # the comparison is not of near-zeros
+
+  objective = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)))
+  sparse_grads = jax.grad(objective(sparse), argnums=(0, 1))(params, x)
+  dense_grads = jax.grad(objective(dense), argnums=(0, 1))(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+               sparse_grads, dense_grads)
+
+
+def test_large_capacity_equals_dropless():
+  capacity_module, params, x = moe_and_params("capacity", capacity_factor=float(NUM_EXPERTS))
+  dropless_module, _, _ = moe_and_params("dropless")
+  out_c, stats_c = capacity_module.apply({"params": params}, x)
+  out_d, stats_d = dropless_module.apply({"params": params}, x)
+  np.testing.assert_allclose(out_c, out_d, atol=1e-5)
+  assert float(stats_c.dropped_fraction) == 0.0 == float(stats_d.dropped_fraction)
+  np.testing.assert_allclose(stats_c.aux_loss, stats_d.aux_loss)
+
+
+def test_capacity_drops_exactly_the_overflow():
+  # 8 tokens, 2 experts, k=2, factor 0.5 → capacity ceil(0.5·8·2/2) = 4 rows per expert.
+  first = [0, 0, 0, 0, 0, 1, 1, 0]
+  expert_index = jnp.array([[e, 1 - e] for e in first], jnp.int32)
+  capacity = dispatch.expert_capacity(8, 2, 2, 0.5)
+  assert capacity == 4
+  layout = dispatch.capacity_layout(expert_index, 2, capacity)
+  # First choices come first: expert 0 keeps tokens 0..3 of its 6 first choices, expert 1 keeps
+  # its 2 first choices (tokens 5, 6) and then the second choices of tokens 0, 1.
+  kept = np.asarray(layout.slot_row < 2 * capacity).reshape(2, 8)  # [choice, token]
+  np.testing.assert_array_equal(kept[0], [1, 1, 1, 1, 0, 1, 1, 0])
+  np.testing.assert_array_equal(kept[1], [1, 1, 0, 0, 0, 0, 0, 0])
+  assert float(layout.dropped_fraction) == pytest.approx(8 / 16)
+
+
+def test_capacity_output_drops_slots_not_tokens():
+  module, params, x = moe_and_params("capacity", capacity_factor=0.5)
+  out, stats = module.apply({"params": params}, x)
+  assert 0.0 < float(stats.dropped_fraction) < 1.0
+
+  tokens = x.reshape(-1, HIDDEN)
+  routing = tokens @ params["router"]["kernel"]
+  top = jax.lax.top_k(routing, K)
+  weights = jax.nn.softmax(top[0], -1)
+  capacity = dispatch.expert_capacity(tokens.shape[0], NUM_EXPERTS, K, 0.5)
+  layout = dispatch.capacity_layout(top[1].astype(jnp.int32), NUM_EXPERTS, capacity)
+  kept = (layout.slot_row < NUM_EXPERTS * capacity).reshape(K, -1).T  # [T, k]
+  expected = np.zeros_like(np.asarray(tokens))
+  e_params = params["experts"]
+  for t in range(tokens.shape[0]):
+    for j in range(K):
+      if kept[t, j]:
+        e = int(top[1][t, j])
+        h = swiglu(jnp.einsum("d,dci->ci", tokens[t], e_params["gate_up"][e]))
+        expected[t] += float(weights[t, j]) * np.asarray(h @ e_params["down"][e])
+  np.testing.assert_allclose(out.reshape(-1, HIDDEN), expected, atol=1e-4, rtol=1e-5)
+  assert float(stats.dropped_fraction) == pytest.approx(1 - float(kept.mean()))
+
+
+def test_dropless_layout_groups_blocks_by_expert():
+  rng = np.random.default_rng(0)
+  expert_index = jnp.asarray(rng.integers(0, 4, size=(50, 2)), jnp.int32)
+  block = 8
+  layout = dispatch.dropless_layout(expert_index, 4, block)
+  rows = np.asarray(layout.slot_row)
+  assert len(set(rows.tolist())) == rows.size  # every slot has its own row
+  flat_expert = np.asarray(expert_index).T.reshape(-1)
+  block_expert = np.asarray(layout.block_expert)
+  np.testing.assert_array_equal(block_expert[rows // block], flat_expert)
+  counts = np.bincount(flat_expert, minlength=4)
+  assert int(layout.num_active_blocks) == int(np.sum(-(-counts // block)))
+  np.testing.assert_array_equal(np.asarray(layout.row_token)[rows], np.tile(np.arange(50), 2))
+
+
+def test_dropless_never_drops_under_total_imbalance():
+  expert_index = jnp.zeros((64, 2), jnp.int32).at[:, 1].set(1)  # two experts get everything
+  layout = dispatch.dropless_layout(expert_index, 8, 16)
+  assert float(layout.dropped_fraction) == 0.0
+  assert np.all(np.asarray(layout.slot_row) < layout.row_token.shape[0])
+
+
+@pytest.mark.parametrize("num_active", [0, 3, 5])
+def test_blocked_matmul_matches_per_block_reference(num_active):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(5, 4, 6)), jnp.float32)  # [nb, B, K]
+  w = jnp.asarray(rng.normal(size=(3, 6, 7)), jnp.float32)
+  block_group = jnp.array([0, 0, 2, 1, 2], jnp.int32)
+  active = jnp.int32(num_active)
+  out = grouped_matmul.blocked_matmul(x, w, block_group, active)
+  expected = np.stack([np.asarray(x[i] @ w[block_group[i]]) if i < num_active
+                       else np.zeros((4, 7)) for i in range(5)])
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+  def reference(x, w):
+    y = jnp.einsum("nbk,nkf->nbf", x, w[block_group])
+    return y * (jnp.arange(5) < num_active)[:, None, None]
+  cotangent = jnp.asarray(rng.normal(size=(5, 4, 7)), jnp.float32)
+  loss = lambda f: lambda x, w: jnp.sum(f(x, w) * cotangent)
+  got = jax.grad(loss(lambda x, w: grouped_matmul.blocked_matmul(x, w, block_group, active)),
+                 argnums=(0, 1))(x, w)
+  want = jax.grad(loss(reference), argnums=(0, 1))(x, w)
+  for g, e in zip(got, want):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
