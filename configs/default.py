@@ -8,9 +8,9 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # Number of optimizer updates.
-  config.num_train_steps = 600
+  config.num_train_steps = 500
   # Sequences per optimizer update, summed over all devices and hosts.
-  config.global_batch_size = 16
+  config.global_batch_size = 8
   # Tokens per training sequence.
   config.seq_len = 256
   # Seed for parameter init, data order and router jitter.
@@ -18,17 +18,17 @@ def get_config() -> ml_collections.ConfigDict:
   # Log metrics to the console and metrics.jsonl every this many steps.
   config.log_every_steps = 20
   # Run the held-out evaluation every this many steps (0 = only at the end).
-  config.eval_every_steps = 200
+  config.eval_every_steps = 250
   # Held-out batches per evaluation.
   config.eval_batches = 8
   # Save a checkpoint every this many steps (0 = only at the end); a rerun resumes from the latest.
-  config.checkpoint_every_steps = 200
+  config.checkpoint_every_steps = 250
   # Checkpoints kept on disk (the oldest are deleted).
   config.keep_checkpoints = 2
   # Peak learning rate reached after warmup.
   config.learning_rate = 3e-3
   # Linear warmup steps before cosine decay.
-  config.warmup_steps = 60
+  config.warmup_steps = 50
   # Final learning rate as a fraction of the peak.
   config.min_learning_rate_ratio = 0.1
   # AdamW decoupled weight decay (not applied to norms).
