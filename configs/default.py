@@ -88,6 +88,16 @@ def get_config() -> ml_collections.ConfigDict:
   # Rematerialise each decoder block in the backward pass to save activation memory.
   model.remat = False
 
+  config.mesh = mesh = ml_collections.ConfigDict()
+  # Data-parallel replicas (-1 = all devices the other axes leave).
+  mesh.data = -1
+  # Fully-sharded data parallel: parameters and optimizer state split, batch split too.
+  mesh.fsdp = 1
+  # Expert parallel: experts split; tokens split too and exchanged by all-to-all.
+  mesh.expert = 1
+  # Tensor parallel: attention heads, expert hidden units and vocabulary split.
+  mesh.tensor = 1
+
   config.data = data = ml_collections.ConfigDict()
   # Corpus: "stdlib" = the running Python's standard-library sources (present on every machine).
   data.source = "stdlib"

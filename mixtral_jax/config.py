@@ -1,10 +1,15 @@
 """Checks a training config before anything is compiled, with one-line errors naming the field."""
 
+import math
+from typing import Optional
+
 import ml_collections
 
 DISPATCH_MODES = ("dropless", "capacity")
 GROUPED_MATMULS = ("auto", "blocked", "ragged_dot")
 DTYPES = ("float32", "bfloat16")
+# The mesh's axes, in order (mixtral_jax.sharding builds it; this module only checks sizes).
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 
 class ConfigError(ValueError):
@@ -47,8 +52,51 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
     _require(model[name] >= 0, f"model.{name}", f"must be >= 0, got {model[name]}")
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError for the first invalid field of a training config."""
+def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+  """Axis sizes with the (at most one) -1 replaced by the devices the other axes leave."""
+  sizes = {axis: mesh_config[axis] for axis in MESH_AXES}
+  known = math.prod(size for size in sizes.values() if size != -1)
+  return {axis: num_devices // known if size == -1 else size for axis, size in sizes.items()}
+
+
+def validate_mesh(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises ConfigError if `config.mesh` does not fit `num_devices` devices and the model."""
+  sizes = {axis: config.mesh[axis] for axis in MESH_AXES}
+  for axis, size in sizes.items():
+    _require(isinstance(size, int) and (size > 0 or size == -1), f"mesh.{axis}",
+             f"must be a positive integer or -1 (all remaining devices), got {size!r}")
+  fill = [axis for axis, size in sizes.items() if size == -1]
+  _require(len(fill) <= 1, f"mesh.{fill[-1] if fill else ''}",
+           f"only one axis may be -1, got {fill}")
+  known = math.prod(size for size in sizes.values() if size != -1)
+  if fill:
+    _require(num_devices % known == 0, f"mesh.{fill[0]}",
+             f"-1 cannot fill {num_devices} devices: the other axes multiply to {known}")
+  sizes = mesh_shape(config.mesh, num_devices)
+  _require(math.prod(sizes.values()) == num_devices, "mesh",
+           f"axis sizes {sizes} multiply to {math.prod(sizes.values())}, "
+           f"but there are {num_devices} devices")
+  model = config.model
+  _require(model.num_experts % sizes["expert"] == 0, "model.num_experts",
+           f"{model.num_experts} is not divisible by mesh.expert={sizes['expert']}")
+  batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+  micro_batch = config.global_batch_size // config.grad_accum_steps
+  _require(micro_batch % batch_shards == 0, "global_batch_size",
+           f"{config.global_batch_size} (in micro-batches of {micro_batch}) is not divisible by "
+           f"the {batch_shards} batch shards (mesh.data × mesh.fsdp × mesh.expert)")
+  tensor, fsdp = sizes["tensor"], sizes["fsdp"]
+  for name in ("num_kv_heads", "num_heads", "intermediate_size", "vocab_size"):
+    _require(model[name] % tensor == 0, f"model.{name}",
+             f"{model[name]} is not divisible by mesh.tensor={tensor}")
+  _require(model.hidden_size % fsdp == 0, "model.hidden_size",
+           f"{model.hidden_size} is not divisible by mesh.fsdp={fsdp}")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:
+  """Raises ConfigError for the first invalid field of a training config.
+
+  With `num_devices`, also checks that the mesh fits those devices and the model's sizes.
+  """
   for name in ("num_train_steps", "global_batch_size", "seq_len", "log_every_steps",
                "grad_accum_steps", "eval_batches", "keep_checkpoints"):
     value = config[name]
@@ -63,3 +111,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"must be in [0, 1], got {config.min_learning_rate_ratio}")
   _require(config.grad_clip_norm >= 0, "grad_clip_norm", f"must be >= 0, got {config.grad_clip_norm}")
   validate_model(config.model)
+  if num_devices is not None:
+    validate_mesh(config, num_devices)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 class Layout(NamedTuple):
   slot_row: jax.Array  # [T*k] int32: buffer row of each slot (choice-major); num_rows if dropped
-  row_token: jax.Array  # [R] int32: token feeding each buffer row; T for an empty padding row
+  row_slot: jax.Array  # [R] int32: slot feeding each buffer row; T*k for an empty padding row
   group_sizes: jax.Array  # [E] int32: rows per expert in the buffer (padded, dropless)
   block_expert: jax.Array  # [R / block_size] int32: expert owning each block of rows
   num_active_blocks: jax.Array  # [] int32: blocks holding at least one slot, all at the front
@@ -33,63 +33,72 @@ def expert_capacity(num_tokens: int, num_experts: int, experts_per_token: int,
 
 
 def _sort_slots(expert_index, num_experts: int):
-  """Sorts slots by expert; returns (order, expert of sorted slot, rank within its expert, sizes)."""
+  """Sorts slots by expert; returns (order, expert of sorted slot, rank within its expert, sizes).
+
+  Slots with an expert id >= num_experts (padding) sort last and are not counted in `sizes`.
+  """
   flat_expert = expert_index.T.reshape(-1)  # [k*T], choice-major
   order = jnp.argsort(flat_expert, stable=True)  # [N]
-  sorted_expert = flat_expert[order]
-  group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)  # [E]
-  group_starts = jnp.cumsum(group_sizes) - group_sizes
+  sorted_expert = jnp.minimum(flat_expert[order], num_experts)
+  counts = jnp.zeros(num_experts + 1, jnp.int32).at[sorted_expert].add(1)
+  group_starts = jnp.cumsum(counts) - counts
   rank = jnp.arange(order.shape[0], dtype=jnp.int32) - group_starts[sorted_expert]
-  return order, sorted_expert, rank, group_sizes
+  return order, sorted_expert, rank, counts[:num_experts]
 
 
-def _scatter_layout(order, sorted_row, num_tokens: int, num_rows: int):
-  """Inverts the sort: slot → row, and row → token (empty rows point at token T)."""
+def _scatter_layout(order, sorted_row, num_rows: int):
+  """Inverts the sort: slot → row, and row → slot (empty rows point at slot N)."""
   num_slots = order.shape[0]
   slot_row = jnp.zeros(num_slots, jnp.int32).at[order].set(sorted_row)
-  slot_token = (order % num_tokens).astype(jnp.int32)  # choice-major flattening
-  row_token = jnp.full(num_rows + 1, num_tokens, jnp.int32).at[sorted_row].set(slot_token)
-  return slot_row, row_token[:num_rows]
+  row_slot = jnp.full(num_rows + 1, num_slots, jnp.int32).at[sorted_row].set(
+      order.astype(jnp.int32))
+  return slot_row, row_slot[:num_rows]
 
 
 def dropless_layout(expert_index, num_experts: int, block_size: int) -> Layout:
-  """Sorted layout with each expert's group padded to a multiple of `block_size`; drops nothing."""
-  num_tokens, k = expert_index.shape
-  num_slots = num_tokens * k
+  """Sorted layout with each expert's group padded to a multiple of `block_size`; drops nothing.
+
+  Slots whose expert id is >= num_experts are padding: they get no row.
+  """
+  num_slots = expert_index.size
   # Worst case: every expert's last block holds a single slot.
   num_blocks = (num_slots + num_experts * (block_size - 1)) // block_size
   num_rows = num_blocks * block_size
   order, sorted_expert, rank, group_sizes = _sort_slots(expert_index, num_experts)
   padded_sizes = (group_sizes + block_size - 1) // block_size * block_size  # [E]
   padded_ends = jnp.cumsum(padded_sizes)
-  sorted_row = (padded_ends - padded_sizes)[sorted_expert] + rank
-  slot_row, row_token = _scatter_layout(order, sorted_row, num_tokens, num_rows)
+  padded_starts = jnp.append(padded_ends - padded_sizes, num_rows)  # padding slots → num_rows
+  sorted_row = jnp.where(sorted_expert < num_experts, padded_starts[sorted_expert] + rank,
+                         num_rows)
+  slot_row, row_slot = _scatter_layout(order, sorted_row, num_rows)
   block_start = jnp.arange(num_blocks, dtype=jnp.int32) * block_size
   block_expert = jnp.minimum(jnp.searchsorted(padded_ends, block_start, side="right"),
                              num_experts - 1).astype(jnp.int32)
-  return Layout(slot_row, row_token, padded_sizes, block_expert,
+  return Layout(slot_row, row_slot, padded_sizes, block_expert,
                 (padded_ends[-1] // block_size).astype(jnp.int32), block_size,
                 jnp.zeros((), jnp.float32))
 
 
 def capacity_layout(expert_index, num_experts: int, capacity: int) -> Layout:
   """Fixed `capacity` rows per expert ([E, C] buffer); slots beyond it are dropped."""
-  num_tokens, k = expert_index.shape
   num_rows = num_experts * capacity
   order, sorted_expert, rank, group_sizes = _sort_slots(expert_index, num_experts)
   kept = rank < capacity
   sorted_row = jnp.where(kept, sorted_expert * capacity + rank, num_rows)
-  slot_row, row_token = _scatter_layout(order, sorted_row, num_tokens, num_rows)
+  slot_row, row_slot = _scatter_layout(order, sorted_row, num_rows)
   dropped = 1.0 - jnp.mean(kept.astype(jnp.float32))
-  return Layout(slot_row, row_token, jnp.full((num_experts,), capacity, jnp.int32),
+  return Layout(slot_row, row_slot, jnp.full((num_experts,), capacity, jnp.int32),
                 jnp.arange(num_experts, dtype=jnp.int32), jnp.int32(num_experts), capacity,
                 dropped)
 
 
 def gather_rows(x, layout: Layout):
   """Builds the grouped buffer [R, D] from tokens x [T, D]; padding rows are zero."""
+  num_tokens = x.shape[0]
+  num_slots = layout.slot_row.shape[0]
+  row_token = jnp.where(layout.row_slot < num_slots, layout.row_slot % num_tokens, num_tokens)
   padded = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])
-  return padded[layout.row_token]
+  return padded[row_token]
 
 
 def combine(rows, layout: Layout, combine_weights):

@@ -1,5 +1,7 @@
 """A bank of E SwiGLU experts applied to a grouped buffer of rows: y = (silu(x W1) * x W3) W2."""
 
+from typing import Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,40 +23,50 @@ def swiglu(gate_up):
   return jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
 
 
-class SwiGLUExperts(nn.Module):
-  """Expert weights [E, …] (sharded over the `exp` logical axis) and their grouped application.
+class ExpertWeights(nn.Module):
+  """Weights of E SwiGLU experts, sharded over the `exp` logical axis.
 
   W1 and W3 are stored fused as `gate_up` [E, D, 2, I] so one matmul computes both, and a
   split of I keeps each gate column beside its up column.
   """
   num_experts: int
+  hidden_size: int
   intermediate_size: int
-  grouped_matmul: str = "blocked"
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, rows, layout: Layout, dispatch: str):  # rows [R, D]
-    num_rows, hidden = rows.shape
-    e, inter = self.num_experts, self.intermediate_size
+  def __call__(self):
+    """→ (gate_up [E, D, 2, I], down [E, I, D]) in the compute dtype."""
+    e, d, i = self.num_experts, self.hidden_size, self.intermediate_size
     gate_up = self.param(
         "gate_up", nn.with_logical_partitioning(kernel_init, ("exp", "embed", None, "mlp")),
-        (e, hidden, 2, inter), jnp.float32).astype(self.dtype)
+        (e, d, 2, i), jnp.float32)
     down = self.param("down", nn.with_logical_partitioning(kernel_init, ("exp", "mlp", "embed")),
-                      (e, inter, hidden), jnp.float32).astype(self.dtype)
-    gate_up = gate_up.reshape(e, hidden, 2 * inter)
-    rows = rows.astype(self.dtype)
+                      (e, i, d), jnp.float32)
+    return gate_up.astype(self.dtype), down.astype(self.dtype)
 
-    if dispatch == "capacity":
-      x = rows.reshape(e, layout.block_size, hidden)  # [E, C, D]
-      h = swiglu(grouped_matmul.batched_matmul(x, gate_up).reshape(e, -1, 2, inter))
-      return grouped_matmul.batched_matmul(h, down).reshape(num_rows, hidden)
-    if self.grouped_matmul == "ragged_dot":
-      h = swiglu(grouped_matmul.ragged_matmul(rows, gate_up, layout.group_sizes)
-                 .reshape(num_rows, 2, inter))
-      return grouped_matmul.ragged_matmul(h, down, layout.group_sizes)
-    blocks = rows.reshape(-1, layout.block_size, hidden)  # [nb, B, D]
-    h = grouped_matmul.blocked_matmul(blocks, gate_up, layout.block_expert,
-                                      layout.num_active_blocks)
-    h = swiglu(h.reshape(blocks.shape[:2] + (2, inter)))
-    y = grouped_matmul.blocked_matmul(h, down, layout.block_expert, layout.num_active_blocks)
-    return y.reshape(num_rows, hidden)
+
+def apply_experts(rows, gate_up, down, matmul: str, layout: Optional[Layout] = None):
+  """SwiGLU of grouped rows [R, D] with each group's expert → [R, D].
+
+  matmul: "batched" (R = E · rows-per-expert, equal groups), "blocked" or "ragged_dot" (the
+  dropless `layout` says which rows belong to which expert).
+  """
+  num_rows, hidden = rows.shape
+  e, _, _, inter = gate_up.shape
+  gate_up = gate_up.reshape(e, hidden, 2 * inter)
+  rows = rows.astype(gate_up.dtype)
+  if matmul == "batched":
+    x = rows.reshape(e, -1, hidden)  # [E, C, D]
+    h = swiglu(grouped_matmul.batched_matmul(x, gate_up).reshape(e, -1, 2, inter))
+    return grouped_matmul.batched_matmul(h, down).reshape(num_rows, hidden)
+  if matmul == "ragged_dot":
+    h = swiglu(grouped_matmul.ragged_matmul(rows, gate_up, layout.group_sizes)
+               .reshape(num_rows, 2, inter))
+    return grouped_matmul.ragged_matmul(h, down, layout.group_sizes)
+  blocks = rows.reshape(-1, layout.block_size, hidden)  # [nb, B, D]
+  h = grouped_matmul.blocked_matmul(blocks, gate_up, layout.block_expert,
+                                    layout.num_active_blocks)
+  h = swiglu(h.reshape(blocks.shape[:2] + (2, inter)))
+  y = grouped_matmul.blocked_matmul(h, down, layout.block_expert, layout.num_active_blocks)
+  return y.reshape(num_rows, hidden)

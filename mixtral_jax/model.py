@@ -7,6 +7,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jax.sharding import Mesh
+
+from mixtral_jax import sharding
 from mixtral_jax.attention import Attention
 from mixtral_jax.experts import resolve_grouped_matmul
 from mixtral_jax.layers import RMSNorm, kernel_init
@@ -16,6 +19,7 @@ from mixtral_jax.moe import MoE, MoEStats
 class DecoderBlock(nn.Module):
   """Pre-norm residual block: x + attn(norm(x)), then h + moe(norm(h))."""
   config: ml_collections.FrozenConfigDict
+  mesh: Optional[Mesh] = None
 
   @nn.compact
   def __call__(self, x, positions, segment_ids, token_mask, deterministic: bool):
@@ -28,14 +32,19 @@ class DecoderBlock(nn.Module):
     h = RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_norm")(x)
     h, stats = MoE(cfg.num_experts, cfg.experts_per_token, cfg.intermediate_size, cfg.dispatch,
                    cfg.capacity_factor, cfg.block_size, resolve_grouped_matmul(cfg.grouped_matmul),
-                   cfg.router_jitter_noise, dtype, name="moe")(h, token_mask, deterministic)
-    x = nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
+                   cfg.router_jitter_noise, dtype, self.mesh, name="moe")(h, token_mask,
+                                                                          deterministic)
+    x = sharding.constrain(x + h, ("batch", "length", "act_embed"), self.mesh)
     return x, stats
 
 
 class Mixtral(nn.Module):
-  """Mixtral-style sparse MoE language model; `config` is the `model` part of a training config."""
+  """Mixtral-style sparse MoE language model; `config` is the `model` part of a training config.
+
+  `mesh` (optional) places activations and runs the MoE expert-parallel over its axes.
+  """
   config: ml_collections.FrozenConfigDict
+  mesh: Optional[Mesh] = None
 
   @nn.compact
   def __call__(self, tokens, positions: Optional[jax.Array] = None,
@@ -56,12 +65,12 @@ class Mixtral(nn.Module):
     embed = self.param("embed", nn.with_logical_partitioning(kernel_init, ("vocab", "embed")),
                        (cfg.vocab_size, cfg.hidden_size), jnp.float32)
     x = embed.astype(dtype)[tokens]  # [B, T, D]
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = sharding.constrain(x, ("batch", "length", "act_embed"), self.mesh)
 
     block = nn.remat(DecoderBlock, static_argnums=(5,)) if cfg.remat else DecoderBlock
     layer_stats = []
     for i in range(cfg.num_layers):
-      x, stats = block(cfg, name=f"layer_{i}")(x, positions, segment_ids, token_mask,
+      x, stats = block(cfg, self.mesh, name=f"layer_{i}")(x, positions, segment_ids, token_mask,
                                                deterministic)
       layer_stats.append(stats)
     x = RMSNorm(cfg.rms_norm_eps, dtype, name="final_norm")(x)

@@ -5,10 +5,12 @@ from typing import NamedTuple, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from mixtral_jax import dispatch as dispatch_lib
 from mixtral_jax import router as router_lib
-from mixtral_jax.experts import SwiGLUExperts
+from mixtral_jax.expert_parallel import expert_parallel_moe
+from mixtral_jax.experts import ExpertWeights, apply_experts
 
 
 class MoEStats(NamedTuple):
@@ -18,8 +20,30 @@ class MoEStats(NamedTuple):
   dropped_fraction: jax.Array  # [] fraction of slots dropped for lack of capacity
 
 
+def local_moe(tokens, routing: router_lib.Routing, gate_up, down, *, dispatch: str,
+              capacity_factor: float, block_size: int, matmul: str):
+  """MoE over tokens [N, D] on one device → (out [N, D], dropped fraction)."""
+  num_experts = gate_up.shape[0]
+  num_tokens, k = routing.expert_index.shape
+  if dispatch == "capacity":
+    capacity = dispatch_lib.expert_capacity(num_tokens, num_experts, k, capacity_factor)
+    layout = dispatch_lib.capacity_layout(routing.expert_index, num_experts, capacity)
+    matmul = "batched"
+  else:
+    # Blocks larger than a balanced group only add padding.
+    balanced = -(-num_tokens * k // num_experts)
+    layout = dispatch_lib.dropless_layout(routing.expert_index, num_experts,
+                                          max(1, min(block_size, balanced)))
+  rows = apply_experts(dispatch_lib.gather_rows(tokens, layout), gate_up, down, matmul, layout)
+  return dispatch_lib.combine(rows, layout, routing.combine_weights), layout.dropped_fraction
+
+
 class MoE(nn.Module):
-  """Top-k routed mixture of SwiGLU experts over the flattened batch of tokens."""
+  """Top-k routed mixture of SwiGLU experts over the flattened batch of tokens.
+
+  With a multi-device `mesh`, experts are split over its `expert` axis and tokens travel to
+  them by all-to-all (see expert_parallel.py); router statistics always cover the global batch.
+  """
   num_experts: int
   experts_per_token: int
   intermediate_size: int
@@ -29,6 +53,7 @@ class MoE(nn.Module):
   grouped_matmul: str = "blocked"
   router_jitter_noise: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  mesh: Optional[Mesh] = None
 
   @nn.compact
   def __call__(self, x, token_mask: Optional[jax.Array] = None, deterministic: bool = True):
@@ -37,22 +62,20 @@ class MoE(nn.Module):
     flat_mask = None if token_mask is None else token_mask.reshape(-1)
     routing = router_lib.Router(self.num_experts, self.experts_per_token,
                                 self.router_jitter_noise, name="router")(tokens, deterministic)
-    if self.dispatch == "capacity":
-      capacity = dispatch_lib.expert_capacity(tokens.shape[0], self.num_experts,
-                                              self.experts_per_token, self.capacity_factor)
-      layout = dispatch_lib.capacity_layout(routing.expert_index, self.num_experts, capacity)
+    gate_up, down = ExpertWeights(self.num_experts, hidden, self.intermediate_size, self.dtype,
+                                  name="experts")()
+    options = dict(dispatch=self.dispatch, capacity_factor=self.capacity_factor,
+                   block_size=self.block_size, matmul=self.grouped_matmul)
+    if self.mesh is not None and self.mesh.size > 1:
+      out, dropped = expert_parallel_moe(tokens.astype(self.dtype), routing.expert_index,
+                                         routing.combine_weights, gate_up, down,
+                                         mesh=self.mesh, **options)
     else:
-      # Blocks larger than a balanced group only add padding.
-      balanced = -(-tokens.shape[0] * self.experts_per_token // self.num_experts)
-      block_size = max(1, min(self.block_size, balanced))
-      layout = dispatch_lib.dropless_layout(routing.expert_index, self.num_experts, block_size)
-    rows = dispatch_lib.gather_rows(tokens, layout)  # [R, D]
-    rows = SwiGLUExperts(self.num_experts, self.intermediate_size, self.grouped_matmul,
-                         self.dtype, name="experts")(rows, layout, self.dispatch)
-    out = dispatch_lib.combine(rows, layout, routing.combine_weights)  # [N, D]
+      out, dropped = local_moe(tokens, routing, gate_up, down, **options)
+    # Outside shard_map, these means run over the global batch.
     stats = MoEStats(
         aux_loss=router_lib.load_balancing_loss(routing, flat_mask),
         z_loss=router_lib.z_loss(routing.logits, flat_mask),
         expert_load=router_lib.expert_load(routing.expert_index, self.num_experts, flat_mask),
-        dropped_fraction=layout.dropped_fraction)
+        dropped_fraction=dropped)
     return out.reshape(batch, length, hidden).astype(x.dtype), stats

@@ -18,11 +18,13 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from mixtral_jax import checkpoint as checkpoint_lib
 from mixtral_jax import config as config_lib
 from mixtral_jax import data as data_lib
 from mixtral_jax import metrics as metrics_lib
+from mixtral_jax import sharding
 from mixtral_jax.model import Mixtral, count_params
 from mixtral_jax.optimizer import learning_rate_schedule, make_optimizer
 
@@ -37,17 +39,23 @@ class TrainState:
   rng: jax.Array
 
 
-def build_model(config: ml_collections.ConfigDict) -> Mixtral:
-  """The model for a (validated) training config."""
-  return Mixtral(ml_collections.FrozenConfigDict(config.model))
+def build_model(config: ml_collections.ConfigDict, mesh: Optional[Mesh] = None) -> Mixtral:
+  """The model for a (validated) training config, expert-parallel over `mesh` if given."""
+  return Mixtral(ml_collections.FrozenConfigDict(config.model), mesh)
 
 
-def init_state(config, model: Mixtral, optimizer: optax.GradientTransformation) -> TrainState:
-  """Fresh parameters and optimizer state from `config.seed`."""
+def init_state(config, model: Mixtral, optimizer: optax.GradientTransformation,
+               mesh: Optional[Mesh] = None) -> TrainState:
+  """Fresh parameters and optimizer state from `config.seed`, created already sharded."""
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   tokens = jnp.zeros((1, min(config.seq_len, 8)), jnp.int32)
-  params = nn.unbox(model.init(init_rng, tokens)["params"])
-  return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), train_rng)
+
+  def init():
+    params = model.init(init_rng, tokens)["params"]  # boxed with logical axis names
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), train_rng)
+
+  shardings = None if mesh is None else sharding.tree_shardings(jax.eval_shape(init), mesh)
+  return jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
 
 
 def cross_entropy(logits, targets, weights):
@@ -83,7 +91,8 @@ def make_train_step(config, model: Mixtral, optimizer: optax.GradientTransformat
 
   def train_step(state: TrainState, batch: Batch):
     rng, step_rng = jax.random.split(state.rng)
-    micro = jax.tree.map(lambda x: x.reshape((accum, -1) + x.shape[1:]), batch)
+    # Micro-batch i takes rows i, accum + i, …: each device's rows split evenly without moving.
+    micro = jax.tree.map(lambda x: x.reshape((-1, accum) + x.shape[1:]).swapaxes(0, 1), batch)
 
     def micro_step(grads, inputs):
       micro_batch, micro_rng = inputs
@@ -135,15 +144,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Resumes from the latest checkpoint in `workdir` if there is one. `stop_at_step` ends the run
   early (with a checkpoint), as a preemption would, without changing the schedule.
   """
-  config_lib.validate(config)
+  config_lib.validate(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
 
+  mesh = sharding.make_mesh(config.mesh)
   data = data_lib.make_data(config)
-  model = build_model(config)
+  model = build_model(config, mesh)
   optimizer = make_optimizer(config)
-  state = init_state(config, model, optimizer)
+  state = init_state(config, model, optimizer, mesh)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint_every_steps,
                                              config.keep_checkpoints)
   start_step = 0
@@ -158,11 +168,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return {"resumed_step": start_step}
   total, active = count_params(state.params, config.model)
   logging.info("Model: %s parameters, %s active per token.", f"{total:,}", f"{active:,}")
-  print(f"model: {total:,} parameters ({active:,} active) | corpus unigram entropy "
-        f"{data.unigram_entropy:.3f} nats/token", flush=True)
+  print(f"model: {total:,} parameters ({active:,} active) | mesh "
+        f"{dict(mesh.shape)} | corpus unigram entropy {data.unigram_entropy:.3f} nats/token",
+        flush=True)
 
-  train_step = jax.jit(make_train_step(config, model, optimizer), donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(model))
+  state_sharding = jax.tree.map(lambda x: x.sharding, state)
+  batch_sharding = sharding.batch_sharding(mesh)
+  train_step = jax.jit(make_train_step(config, model, optimizer),
+                       in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, None), donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(model), in_shardings=(state_sharding.params, batch_sharding))
   writer = metrics_lib.MetricsWriter(workdir)
   progress = metrics_lib.ProgressBar(config.num_train_steps)
   tokens_per_step = config.global_batch_size * config.seq_len
@@ -207,7 +222,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
-    config_lib.validate(_CONFIG.value)
+    config_lib.validate(_CONFIG.value, jax.device_count())
   except config_lib.ConfigError as e:
     raise SystemExit(f"error: {e}") from None
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)

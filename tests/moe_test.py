@@ -100,14 +100,25 @@ def test_dropless_layout_groups_blocks_by_expert():
   np.testing.assert_array_equal(block_expert[rows // block], flat_expert)
   counts = np.bincount(flat_expert, minlength=4)
   assert int(layout.num_active_blocks) == int(np.sum(-(-counts // block)))
-  np.testing.assert_array_equal(np.asarray(layout.row_token)[rows], np.tile(np.arange(50), 2))
+  np.testing.assert_array_equal(np.asarray(layout.row_slot)[rows], np.arange(100))
 
 
 def test_dropless_never_drops_under_total_imbalance():
   expert_index = jnp.zeros((64, 2), jnp.int32).at[:, 1].set(1)  # two experts get everything
   layout = dispatch.dropless_layout(expert_index, 8, 16)
   assert float(layout.dropped_fraction) == 0.0
-  assert np.all(np.asarray(layout.slot_row) < layout.row_token.shape[0])
+  assert np.all(np.asarray(layout.slot_row) < layout.row_slot.shape[0])
+
+
+def test_dropless_layout_skips_padding_slots():
+  expert_index = jnp.array([[0], [3], [1], [3], [0]], jnp.int32)  # id 3 = padding when E = 3
+  layout = dispatch.dropless_layout(expert_index, 3, 2)
+  rows = np.asarray(layout.slot_row)
+  num_rows = layout.row_slot.shape[0]
+  assert rows[1] == rows[3] == num_rows
+  np.testing.assert_array_equal(layout.group_sizes, [2, 2, 0])
+  assert int(layout.num_active_blocks) == 2
+  np.testing.assert_array_equal(np.asarray(layout.block_expert)[rows[[0, 2, 4]] // 2], [0, 1, 0])
 
 
 @pytest.mark.parametrize("num_active", [0, 3, 5])

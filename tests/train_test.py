@@ -20,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(tmp_path, **overrides):
   config = default.get_config()
-  config.update(num_train_steps=12, global_batch_size=4, seq_len=32, log_every_steps=4,
+  config.update(num_train_steps=12, global_batch_size=8, seq_len=32, log_every_steps=4,
                 eval_every_steps=8, eval_batches=2, warmup_steps=2)
   config.model.update(vocab_size=320, hidden_size=32, intermediate_size=48, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=8, num_experts=4, block_size=16)

@@ -1,0 +1,87 @@
+"""Expert parallelism: the MoE feed-forward inside `jax.shard_map` over the whole mesh.
+
+Each device routes its own tokens, packs the slots bound for each `expert`-axis peer into a
+fixed-size buffer, exchanges buffers with `all_to_all`, runs its E/ep local experts, sends the
+results back with a second `all_to_all` and combines them. Expert weights arrive sharded: `exp`
+over `expert`, `embed` over `fsdp` (all-gathered here, reduce-scattered in the backward pass)
+and `mlp` over `tensor` (partial outputs summed with `psum`).
+
+Buffer sizes (n local tokens, k choices, ep expert shards, E/ep local experts):
+- capacity: C = ceil(capacity_factor · n · k / E) rows per (source, expert) pair.
+- dropless: n · min(k, E/ep) rows per (source, destination) pair, the most a source can ever
+  send to one destination, so nothing is dropped; the receiver's grouped matmul skips padding.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from mixtral_jax import dispatch as dispatch_lib
+from mixtral_jax import sharding
+from mixtral_jax.experts import apply_experts
+
+_EXPERT_AXIS, _FSDP_AXIS, _TENSOR_AXIS = "expert", "fsdp", "tensor"
+
+
+def _exchange(x):
+  """Sends the i-th of ep equal chunks of x's rows to expert-axis peer i; gets theirs back."""
+  return jax.lax.all_to_all(x, _EXPERT_AXIS, 0, 0, tiled=True)
+
+
+def _capacity_local(tokens, expert_index, combine_weights, gate_up, down, capacity_factor):
+  n, k = expert_index.shape
+  ep = jax.lax.axis_size(_EXPERT_AXIS)
+  e_local, hidden = gate_up.shape[0], tokens.shape[1]
+  capacity = dispatch_lib.expert_capacity(n, e_local * ep, k, capacity_factor)
+  layout = dispatch_lib.capacity_layout(expert_index, e_local * ep, capacity)
+  received = _exchange(dispatch_lib.gather_rows(tokens, layout))  # [ep(src) · E/ep · C, D]
+  by_expert = received.reshape(ep, e_local, capacity, hidden).swapaxes(0, 1)
+  out = apply_experts(by_expert.reshape(-1, hidden), gate_up, down, "batched")
+  out = out.reshape(e_local, ep, capacity, hidden).swapaxes(0, 1).reshape(-1, hidden)
+  return dispatch_lib.combine(_exchange(out), layout, combine_weights), layout.dropped_fraction
+
+
+def _dropless_local(tokens, expert_index, combine_weights, gate_up, down, block_size, matmul):
+  n, k = expert_index.shape
+  ep = jax.lax.axis_size(_EXPERT_AXIS)
+  e_local = gate_up.shape[0]
+  per_peer = n * min(k, e_local)
+  send_layout = dispatch_lib.capacity_layout(expert_index // e_local, ep, per_peer)
+  # Each row travels with its expert's local id; e_local marks an empty padding row.
+  slot_expert = jnp.append((expert_index % e_local).T.reshape(-1), e_local)
+  received = _exchange(dispatch_lib.gather_rows(tokens, send_layout))  # [ep · per_peer, D]
+  received_expert = _exchange(slot_expert[send_layout.row_slot])  # [ep · per_peer]
+
+  balanced = -(-n * k // e_local)
+  layout = dispatch_lib.dropless_layout(received_expert[:, None], e_local,
+                                        max(1, min(block_size, balanced)))
+  out = apply_experts(dispatch_lib.gather_rows(received, layout), gate_up, down, matmul, layout)
+  out = dispatch_lib.combine(out, layout, jnp.ones((received.shape[0], 1), out.dtype))
+  return (dispatch_lib.combine(_exchange(out), send_layout, combine_weights),
+          jnp.zeros((), jnp.float32))
+
+
+def expert_parallel_moe(tokens, expert_index, combine_weights, gate_up, down, *, mesh: Mesh,
+                        dispatch: str, capacity_factor: float, block_size: int, matmul: str):
+  """tokens [N, D] (batch-sharded), routing [N, k], experts [E, …] → (out [N, D], dropped)."""
+  batch_spec = sharding.logical_to_spec(("batch", None))
+  gate_up_spec = sharding.logical_to_spec(("exp", "embed", None, "mlp"))
+  down_spec = sharding.logical_to_spec(("exp", "mlp", "embed"))
+
+  def local(tokens, expert_index, combine_weights, gate_up, down):
+    gate_up = jax.lax.all_gather(gate_up, _FSDP_AXIS, axis=1, tiled=True)
+    down = jax.lax.all_gather(down, _FSDP_AXIS, axis=2, tiled=True)
+    if dispatch == "capacity":
+      out, dropped = _capacity_local(tokens, expert_index, combine_weights, gate_up, down,
+                                     capacity_factor)
+    else:
+      out, dropped = _dropless_local(tokens, expert_index, combine_weights, gate_up, down,
+                                     block_size, matmul)
+    return (jax.lax.psum(out, _TENSOR_AXIS),
+            jax.lax.pmean(dropped, sharding.BATCH_AXES))
+
+  return jax.shard_map(
+      local, mesh=mesh,
+      in_specs=(batch_spec, batch_spec, batch_spec, gate_up_spec, down_spec),
+      out_specs=(batch_spec, jax.sharding.PartitionSpec()))(
+          tokens, expert_index, combine_weights, gate_up, down)

@@ -1,0 +1,152 @@
+"""Expert parallelism on 8 simulated CPU devices: equal to one device, sharded as designed."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from mixtral_jax import config as config_lib
+from mixtral_jax import sharding, train
+from mixtral_jax.hlo_stats import all_to_all_bytes
+
+MESHES = [(1, 1, 8, 1), (2, 1, 4, 1), (2, 2, 2, 1), (1, 2, 2, 2)]
+
+
+def tiny_config(mesh_shape=(1, 1, 1, 1), dispatch="dropless", capacity_factor=8.0):
+  config = default.get_config()
+  config.update(global_batch_size=8, seq_len=16, warmup_steps=2, num_train_steps=20,
+                learning_rate=3e-3)
+  config.model.update(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, num_experts=8, block_size=8,
+                      dispatch=dispatch, capacity_factor=capacity_factor)
+  config.mesh.update(dict(zip(sharding.MESH_AXES, mesh_shape)))
+  return config
+
+
+def setup(config, devices):
+  mesh = sharding.make_mesh(config.mesh, devices)
+  model = train.build_model(config, mesh)
+  optimizer = train.make_optimizer(config)
+  state = train.init_state(config, model, optimizer, mesh)
+  return mesh, model, optimizer, state
+
+
+def batches(num, config):
+  # Tokens from 8 of the 64 ids: learnable in a few steps, so the loss curve moves.
+  tokens = jax.random.randint(jax.random.PRNGKey(7), (num, config.global_batch_size,
+                                                       config.seq_len + 1), 0, 8)
+  return [{"inputs": t[:, :-1], "targets": t[:, 1:],
+           "weights": jnp.ones(t[:, 1:].shape, jnp.float32)} for t in tokens]
+
+
+def run(config, devices, num_steps):
+  """(loss, metrics, grads) of the first batch and the losses of `num_steps` train steps."""
+  mesh, model, optimizer, state = setup(config, devices)
+  data = [jax.device_put(b, sharding.batch_sharding(mesh)) for b in batches(num_steps, config)]
+  loss_fn = train.make_loss_fn(model, config.model)
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+      state.params, data[0], jax.random.PRNGKey(0))
+  step = jax.jit(train.make_train_step(config, model, optimizer))
+  losses = []
+  for batch in data:
+    state, step_metrics = step(state, batch)
+    losses.append(float(step_metrics["loss"]))
+  return loss, metrics, grads, losses
+
+
+_single_device_runs = {}
+
+
+def single_device_run(dispatch):
+  if dispatch not in _single_device_runs:
+    _single_device_runs[dispatch] = run(tiny_config(dispatch=dispatch), jax.devices()[:1], 20)
+  return _single_device_runs[dispatch]
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+@pytest.mark.parametrize("mesh_shape", MESHES)
+def test_expert_parallel_equals_single_device(mesh_shape, dispatch):
+  loss1, metrics1, grads1, losses1 = single_device_run(dispatch)
+  loss8, metrics8, grads8, losses8 = run(tiny_config(mesh_shape, dispatch), jax.devices(), 20)
+  assert float(metrics8["dropped_fraction"]) == 0.0
+  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  np.testing.assert_allclose(metrics8["aux_loss"], metrics1["aux_loss"], rtol=1e-5)
+  np.testing.assert_allclose(metrics8["z_loss"], metrics1["z_loss"], rtol=1e-5)
+  np.testing.assert_allclose(metrics8["expert_load"], metrics1["expert_load"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads8,
+               grads1)
+  np.testing.assert_allclose(losses8, losses1, rtol=1e-4)
+  assert losses8[-1] < losses8[0]
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 1, 4, 1), (1, 1, 8, 1), (1, 2, 2, 2)])
+def test_each_device_holds_its_share_of_experts(mesh_shape):
+  config = tiny_config(mesh_shape)
+  _, _, _, state = setup(config, jax.devices())
+  ep, fsdp, tensor = mesh_shape[2], mesh_shape[1], mesh_shape[3]
+  e, d, i = 8, 32, 48
+  moments = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
+             if hasattr(s, "mu")]
+  assert moments, "AdamW moments not found"
+  for layer in ("layer_0", "layer_1"):
+    trees = [state.params] + [m.mu for m in moments] + [m.nu for m in moments]
+    for tree in trees:
+      experts = tree[layer]["moe"]["experts"]
+      for name, full, local in (("gate_up", (e, d, 2, i), (e // ep, d // fsdp, 2, i // tensor)),
+                                ("down", (e, i, d), (e // ep, i // tensor, d // fsdp))):
+        assert experts[name].shape == full
+        assert {s.data.shape for s in experts[name].addressable_shards} == {local}
+
+
+@pytest.mark.parametrize("dispatch,per_layer", [("capacity", 4), ("dropless", 5)])
+def test_all_to_all_count_and_bytes(dispatch, per_layer):
+  config = tiny_config((1, 1, 8, 1), dispatch, capacity_factor=1.0)
+  mesh, model, optimizer, state = setup(config, jax.devices())
+  batch_sharding = sharding.batch_sharding(mesh)
+  state_sharding = jax.tree.map(lambda x: x.sharding, state)
+  step = jax.jit(train.make_train_step(config, model, optimizer),
+                 in_shardings=(state_sharding, batch_sharding))
+  hlo = step.lower(state, batches(1, config)[0]).compile().as_text()
+  sizes = all_to_all_bytes(hlo)
+  # Forward: tokens out and results back (dropless also sends each row's expert id);
+  # backward: the transposes of the two float exchanges.
+  assert len(sizes) == per_layer * config.model.num_layers
+  n, k, e, hidden = 8 * 16 // 8, 2, 8, 32  # local tokens, choices, experts (1 per device)
+  if dispatch == "capacity":
+    rows = e * -(-n * k // e)  # E · C with C = ceil(1.0 · n · k / E)
+    expected = {rows * hidden * 4}
+  else:
+    rows = 8 * n * min(k, 1)  # per peer: n · min(k, E/ep)
+    expected = {rows * hidden * 4, rows * 4}
+  assert set(sizes) == expected
+
+
+@pytest.mark.parametrize("mesh,field", [
+    (dict(data=2, fsdp=1, expert=2, tensor=1), "config.mesh:"),
+    (dict(data=-1, fsdp=1, expert=3, tensor=1), "config.mesh.data:"),
+    (dict(data=1, fsdp=1, expert=-1, tensor=1), None),
+    (dict(data=1, fsdp=1, expert=8, tensor=1), None),
+    (dict(data=1, fsdp=2, expert=1, tensor=4), "config.model.num_kv_heads:"),
+    (dict(data=8, fsdp=1, expert=1, tensor=1), None),
+])
+def test_mesh_config_errors_name_the_field(mesh, field):
+  config = tiny_config()
+  config.mesh.update(mesh)
+  if field is None:
+    config_lib.validate(config, 8)
+  else:
+    with pytest.raises(config_lib.ConfigError, match=f"^{field}"):
+      config_lib.validate(config, 8)
+
+
+def test_experts_and_batch_divisibility_errors():
+  config = tiny_config((1, 1, 8, 1))
+  config.model.num_experts = 4
+  with pytest.raises(config_lib.ConfigError, match=r"^config\.model\.num_experts: 4 is not "
+                                                   r"divisible by mesh\.expert=8"):
+    config_lib.validate(config, 8)
+  config = tiny_config((8, 1, 1, 1))
+  config.global_batch_size = 12
+  with pytest.raises(config_lib.ConfigError, match=r"^config\.global_batch_size: 12"):
+    config_lib.validate(config, 8)
