@@ -24,6 +24,7 @@ test: install
 
 bench: install
 	$(PY) benchmarks/moe_layer.py
+	$(PY) benchmarks/expert_parallel.py
 
 clean:
 	rm -rf $(VENV) workdir
