@@ -71,6 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.grouped_matmul = "auto"
   # Rows per block of the dropless layout; each expert's group is padded to a multiple of it.
   model.block_size = 128
+  # Expert-parallel token exchange for dropless: "padded" (any backend) or "ragged" (GPU/TPU).
+  model.all_to_all = "padded"
   # Weight of the Switch load-balancing loss (balanced routing gives experts_per_token).
   model.router_aux_loss_coef = 0.02
   # Weight of the ST-MoE router z-loss.

@@ -8,6 +8,7 @@ import ml_collections
 DISPATCH_MODES = ("dropless", "capacity")
 GROUPED_MATMULS = ("auto", "blocked", "ragged_dot")
 DTYPES = ("float32", "bfloat16")
+ALL_TO_ALLS = ("padded", "ragged")
 # The mesh's axes, in order (mixtral_jax.sharding builds it; this module only checks sizes).
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -38,6 +39,10 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
            f"unknown dispatch {model.dispatch!r}; expected one of {list(DISPATCH_MODES)}")
   _require(model.grouped_matmul in GROUPED_MATMULS, "model.grouped_matmul",
            f"unknown grouped matmul {model.grouped_matmul!r}; expected one of {list(GROUPED_MATMULS)}")
+  _require(model.all_to_all in ALL_TO_ALLS, "model.all_to_all",
+           f"unknown all_to_all {model.all_to_all!r}; expected one of {list(ALL_TO_ALLS)}")
+  _require(model.all_to_all == "padded" or model.dispatch == "dropless", "model.all_to_all",
+           "'ragged' applies to dispatch='dropless' (capacity buffers are always full-size)")
   _require(model.dtype in DTYPES, "model.dtype",
            f"unknown dtype {model.dtype!r}; expected one of {list(DTYPES)}")
   _require(model.capacity_factor > 0, "model.capacity_factor",
@@ -92,10 +97,12 @@ def validate_mesh(config: ml_collections.ConfigDict, num_devices: int) -> None:
            f"{model.hidden_size} is not divisible by mesh.fsdp={fsdp}")
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:
+def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = None,
+             backend: Optional[str] = None) -> None:
   """Raises ConfigError for the first invalid field of a training config.
 
-  With `num_devices`, also checks that the mesh fits those devices and the model's sizes.
+  With `num_devices`, also checks that the mesh fits those devices and the model's sizes;
+  with `backend` ("cpu", "gpu", "tpu"), that the chosen collectives exist there.
   """
   for name in ("num_train_steps", "global_batch_size", "seq_len", "log_every_steps",
                "grad_accum_steps", "eval_batches", "keep_checkpoints"):
@@ -113,3 +120,5 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
   validate_model(config.model)
   if num_devices is not None:
     validate_mesh(config, num_devices)
+  _require(not (backend == "cpu" and config.model.all_to_all == "ragged"), "model.all_to_all",
+           "'ragged' needs a GPU or TPU: XLA:CPU does not implement ragged-all-to-all")

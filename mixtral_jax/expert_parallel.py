@@ -10,6 +10,8 @@ Buffer sizes (n local tokens, k choices, ep expert shards, E/ep local experts):
 - capacity: C = ceil(capacity_factor · n · k / E) rows per (source, expert) pair.
 - dropless: n · min(k, E/ep) rows per (source, destination) pair, the most a source can ever
   send to one destination, so nothing is dropped; the receiver's grouped matmul skips padding.
+  With all_to_all="ragged" (GPU/TPU: XLA:CPU lacks it) the buffers keep that layout but
+  `jax.lax.ragged_all_to_all` moves only the used rows, after one tiny all_to_all of counts.
 """
 
 import jax
@@ -28,6 +30,20 @@ def _exchange(x):
   return jax.lax.all_to_all(x, _EXPERT_AXIS, 0, 0, tiled=True)
 
 
+def _ragged_exchange(x, send_sizes, recv_sizes, fill):
+  """Like `_exchange` on buffers of ep equal chunks, moving only each chunk's first rows.
+
+  Chunk j of x holds send_sizes[j] used rows for peer j; this device's rows land in chunk
+  `my index` of every peer's result, whose unused rows are `fill`.
+  """
+  ep = send_sizes.shape[0]
+  chunk = x.shape[0] // ep
+  offsets = jnp.arange(ep, dtype=jnp.int32) * chunk
+  my_offset = jnp.full((ep,), jax.lax.axis_index(_EXPERT_AXIS) * chunk, jnp.int32)
+  return jax.lax.ragged_all_to_all(x, jnp.full_like(x, fill), offsets, send_sizes, my_offset,
+                                   recv_sizes, axis_name=_EXPERT_AXIS)
+
+
 def _capacity_local(tokens, expert_index, combine_weights, gate_up, down, capacity_factor):
   n, k = expert_index.shape
   ep = jax.lax.axis_size(_EXPERT_AXIS)
@@ -41,28 +57,40 @@ def _capacity_local(tokens, expert_index, combine_weights, gate_up, down, capaci
   return dispatch_lib.combine(_exchange(out), layout, combine_weights), layout.dropped_fraction
 
 
-def _dropless_local(tokens, expert_index, combine_weights, gate_up, down, block_size, matmul):
+def _dropless_local(tokens, expert_index, combine_weights, gate_up, down, block_size, matmul,
+                    ragged: bool):
   n, k = expert_index.shape
   ep = jax.lax.axis_size(_EXPERT_AXIS)
   e_local = gate_up.shape[0]
   per_peer = n * min(k, e_local)
-  send_layout = dispatch_lib.capacity_layout(expert_index // e_local, ep, per_peer)
+  destination = expert_index // e_local
+  send_layout = dispatch_lib.capacity_layout(destination, ep, per_peer)
   # Each row travels with its expert's local id; e_local marks an empty padding row.
   slot_expert = jnp.append((expert_index % e_local).T.reshape(-1), e_local)
-  received = _exchange(dispatch_lib.gather_rows(tokens, send_layout))  # [ep · per_peer, D]
-  received_expert = _exchange(slot_expert[send_layout.row_slot])  # [ep · per_peer]
+  rows = dispatch_lib.gather_rows(tokens, send_layout)
+  row_expert = slot_expert[send_layout.row_slot]
+  if ragged:
+    send_sizes = jnp.zeros(ep, jnp.int32).at[destination.reshape(-1)].add(1)
+    recv_sizes = _exchange(send_sizes)
+    there = lambda x, fill: _ragged_exchange(x, send_sizes, recv_sizes, fill)
+    back = lambda x: _ragged_exchange(x, recv_sizes, send_sizes, 0)
+  else:
+    there, back = lambda x, fill: _exchange(x), _exchange
+  received = there(rows, 0)  # [ep · per_peer, D]
+  received_expert = there(row_expert, e_local)  # [ep · per_peer]
 
   balanced = -(-n * k // e_local)
   layout = dispatch_lib.dropless_layout(received_expert[:, None], e_local,
                                         max(1, min(block_size, balanced)))
   out = apply_experts(dispatch_lib.gather_rows(received, layout), gate_up, down, matmul, layout)
   out = dispatch_lib.combine(out, layout, jnp.ones((received.shape[0], 1), out.dtype))
-  return (dispatch_lib.combine(_exchange(out), send_layout, combine_weights),
+  return (dispatch_lib.combine(back(out), send_layout, combine_weights),
           jnp.zeros((), jnp.float32))
 
 
 def expert_parallel_moe(tokens, expert_index, combine_weights, gate_up, down, *, mesh: Mesh,
-                        dispatch: str, capacity_factor: float, block_size: int, matmul: str):
+                        dispatch: str, capacity_factor: float, block_size: int, matmul: str,
+                        all_to_all: str = "padded"):
   """tokens [N, D] (batch-sharded), routing [N, k], experts [E, …] → (out [N, D], dropped)."""
   batch_spec = sharding.logical_to_spec(("batch", None))
   gate_up_spec = sharding.logical_to_spec(("exp", "embed", None, "mlp"))
@@ -76,7 +104,7 @@ def expert_parallel_moe(tokens, expert_index, combine_weights, gate_up, down, *,
                                      capacity_factor)
     else:
       out, dropped = _dropless_local(tokens, expert_index, combine_weights, gate_up, down,
-                                     block_size, matmul)
+                                     block_size, matmul, ragged=all_to_all == "ragged")
     return (jax.lax.psum(out, _TENSOR_AXIS),
             jax.lax.pmean(dropped, sharding.BATCH_AXES))
 

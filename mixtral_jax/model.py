@@ -32,8 +32,8 @@ class DecoderBlock(nn.Module):
     h = RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_norm")(x)
     h, stats = MoE(cfg.num_experts, cfg.experts_per_token, cfg.intermediate_size, cfg.dispatch,
                    cfg.capacity_factor, cfg.block_size, resolve_grouped_matmul(cfg.grouped_matmul),
-                   cfg.router_jitter_noise, dtype, self.mesh, name="moe")(h, token_mask,
-                                                                          deterministic)
+                   cfg.router_jitter_noise, dtype, self.mesh, cfg.all_to_all,
+                   name="moe")(h, token_mask, deterministic)
     x = sharding.constrain(x + h, ("batch", "length", "act_embed"), self.mesh)
     return x, stats
 

@@ -54,6 +54,7 @@ class MoE(nn.Module):
   router_jitter_noise: float = 0.0
   dtype: jnp.dtype = jnp.float32
   mesh: Optional[Mesh] = None
+  all_to_all: str = "padded"
 
   @nn.compact
   def __call__(self, x, token_mask: Optional[jax.Array] = None, deterministic: bool = True):
@@ -69,7 +70,7 @@ class MoE(nn.Module):
     if self.mesh is not None and self.mesh.size > 1:
       out, dropped = expert_parallel_moe(tokens.astype(self.dtype), routing.expert_index,
                                          routing.combine_weights, gate_up, down,
-                                         mesh=self.mesh, **options)
+                                         mesh=self.mesh, all_to_all=self.all_to_all, **options)
     else:
       out, dropped = local_moe(tokens, routing, gate_up, down, **options)
     # Outside shard_map, these means run over the global batch.

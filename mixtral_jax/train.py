@@ -144,7 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Resumes from the latest checkpoint in `workdir` if there is one. `stop_at_step` ends the run
   early (with a checkpoint), as a preemption would, without changing the schedule.
   """
-  config_lib.validate(config, jax.device_count())
+  config_lib.validate(config, jax.device_count(), jax.default_backend())
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
@@ -222,7 +222,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
-    config_lib.validate(_CONFIG.value, jax.device_count())
+    config_lib.validate(_CONFIG.value, jax.device_count(), jax.default_backend())
   except config_lib.ConfigError as e:
     raise SystemExit(f"error: {e}") from None
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
