@@ -25,6 +25,7 @@ test: install
 bench: install
 	$(PY) benchmarks/moe_layer.py
 	$(PY) benchmarks/expert_parallel.py
+	$(PY) benchmarks/checkpoint.py
 
 clean:
 	rm -rf $(VENV) workdir

@@ -41,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.adam_eps = 1e-8
   # Clip gradients to this global L2 norm (0 = no clipping).
   config.grad_clip_norm = 1.0
+  # Stop after this many consecutive steps with NaN/Inf loss or gradients (those steps are not
+  # applied); 0 = never stop.
+  config.max_nan_steps = 5
   # Split each global batch into this many micro-batches and sum their gradients.
   config.grad_accum_steps = 1
 

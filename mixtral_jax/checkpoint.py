@@ -1,38 +1,152 @@
-"""Orbax checkpoints of the train state in WORKDIR/checkpoints/<step>/ (async, last K kept)."""
+"""Orbax checkpoints in WORKDIR/checkpoints/<step>/: async saves, the last K kept, safe resume.
 
+A checkpoint holds the train state (params, optimizer state, step, RNG) under `state`, and under
+`meta` the config it was trained with and the data position (index of the next batch). Orbax
+writes a save into a temporary directory and renames it only when complete, so a crash mid-save
+leaves no `<step>` directory, only a temporary one that is ignored and cleaned up on restart.
+
+    python -m mixtral_jax.checkpoint info WORKDIR
+"""
+
+import json
 import os
+import sys
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
 
+class CheckpointError(ValueError):
+  """A checkpoint cannot be used; the message names the directory and what does not match."""
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  return {_path_str(path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree) if hasattr(leaf, "shape")}
+
+
+def _dir_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(path) for name in names)
+
+
 class Checkpointer:
   """Saves the train state every `every_steps` and at the end; restores the latest one."""
 
-  def __init__(self, workdir: str, every_steps: int, keep: int):
+  def __init__(self, workdir: str, every_steps: int = 0, keep: int = 1, read_only: bool = False):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.every_steps = every_steps
+    if read_only and not os.path.isdir(self.directory):
+      raise CheckpointError(f"{self.directory}: no checkpoints directory")
     self._manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True))
+        self.directory,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=True, cleanup_tmp_directories=True,
+            read_only=read_only, create=not read_only))
+
+  def all_steps(self) -> list[int]:
+    """Steps of the complete checkpoints, oldest first."""
+    return sorted(self._manager.all_steps())
 
   def latest_step(self) -> Optional[int]:
     """Step of the newest complete checkpoint, or None."""
     return self._manager.latest_step()
 
-  def restore(self, abstract_state: Any, step: Optional[int] = None) -> Any:
-    """The state saved at `step` (default: latest), shaped and sharded like `abstract_state`."""
-    step = self._manager.latest_step() if step is None else step
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
 
-  def maybe_save(self, step: int, state: Any, is_last: bool) -> bool:
-    """Starts an async save at the interval or the last step; returns whether it saved."""
-    if not (is_last or (self.every_steps and step % self.every_steps == 0)):
+  def meta(self, step: int) -> dict[str, Any]:
+    """The config and data position saved with `step`."""
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+          "meta"]
+    except Exception as e:
+      raise CheckpointError(f"{self._step_dir(step)} is not a readable mixtral_jax checkpoint "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+  def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:
+    """(state, meta) saved at `step` (default: latest), shaped and sharded like `abstract_state`.
+
+    Raises CheckpointError naming the first parameter whose saved shape differs.
+    """
+    step = self.latest_step() if step is None else step
+    meta = self.meta(step)
+    try:
+      saved = _shapes(self._manager.item_metadata(step)["state"])
+    except Exception as e:
+      raise CheckpointError(f"{self._step_dir(step)} holds no readable train state "
+                            f"({type(e).__name__})") from None
+    expected = _shapes(abstract_state)
+    for name, shape in expected.items():
+      if saved.get(name) != shape:
+        raise CheckpointError(
+            f"{self._step_dir(step)} does not match this model: {name} is "
+            f"{saved.get(name, 'missing')} there, {shape} here "
+            f"(checkpoint model config: {_model_summary(meta.get('config', {}))})")
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    state = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
+    return state, meta
+
+  def maybe_save(self, step: int, state: Any, meta: dict[str, Any], force: bool = False) -> bool:
+    """Starts an async save at the interval, or when `force`d; returns whether it saved."""
+    if not (force or (self.every_steps and step % self.every_steps == 0)):
       return False
-    return self._manager.save(step, args=ocp.args.StandardSave(state), force=is_last)
+    return self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+
+  def wait(self) -> None:
+    """Blocks until in-flight saves are complete."""
+    self._manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for in-flight saves to complete."""
+    """Waits for in-flight saves, then releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _model_summary(config: dict) -> str:
+  model = config.get("model", {})
+  keys = ("num_layers", "hidden_size", "intermediate_size", "num_experts", "experts_per_token",
+          "vocab_size")
+  return ", ".join(f"{k}={model[k]}" for k in keys if k in model) or "unknown"
+
+
+def info(workdir: str) -> list[dict[str, Any]]:
+  """One record per complete checkpoint: step, size in bytes, data position, model summary."""
+  checkpointer = Checkpointer(workdir, read_only=True)
+  records = []
+  for step in checkpointer.all_steps():
+    meta = checkpointer.meta(step)
+    records.append({"step": step, "bytes": _dir_bytes(checkpointer._step_dir(step)),
+                    "data_position": meta.get("data_position"),
+                    "model": _model_summary(meta.get("config", {}))})
+  return records
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) != 3 or argv[1] != "info":
+    print("usage: python -m mixtral_jax.checkpoint info WORKDIR", file=sys.stderr)
+    return 2
+  try:
+    records = info(argv[2])
+  except CheckpointError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  if not records:
+    print(f"no complete checkpoints in {os.path.join(argv[2], 'checkpoints')}")
+  for r in records:
+    print(f"step {r['step']:>8}  {r['bytes'] / 1e6:9.2f} MB  next batch {r['data_position']}  "
+          f"{r['model']}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))

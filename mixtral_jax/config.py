@@ -108,7 +108,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
                "grad_accum_steps", "eval_batches", "keep_checkpoints"):
     value = config[name]
     _require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
-  for name in ("eval_every_steps", "checkpoint_every_steps", "warmup_steps"):
+  for name in ("eval_every_steps", "checkpoint_every_steps", "warmup_steps", "max_nan_steps"):
     value = config[name]
     _require(isinstance(value, int) and value >= 0, name, f"must be a non-negative integer, got {value!r}")
   _require(config.learning_rate > 0, "learning_rate", f"must be positive, got {config.learning_rate}")

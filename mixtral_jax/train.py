@@ -1,4 +1,4 @@
-"""Training loop: config → data → model → jitted train step → metrics.
+"""Training loop: config → mesh → data → model → jitted train step → checkpoints, metrics.
 
     python -m mixtral_jax.train --config=configs/default.py --workdir=/tmp/run \
         --config.num_train_steps=100 --config.model.dispatch=capacity
@@ -29,6 +29,10 @@ from mixtral_jax.model import Mixtral, count_params
 from mixtral_jax.optimizer import learning_rate_schedule, make_optimizer
 
 Batch = dict[str, jax.Array]
+
+
+class NonFiniteError(RuntimeError):
+  """Training stopped after too many consecutive steps with NaN/Inf loss or gradients."""
 
 
 @flax.struct.dataclass
@@ -105,7 +109,14 @@ def make_train_step(config, model: Mixtral, optimizer: optax.GradientTransformat
     metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics.update(grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step))
+    grad_norm = optax.tree.norm(grads)
+    # A NaN/Inf loss or gradient leaves parameters and moments as they were; the batch is spent.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params = keep_if_finite(params, state.params)
+    opt_state = keep_if_finite(opt_state, state.opt_state)
+    metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step),
+                   skipped=(~finite).astype(jnp.float32))
     return TrainState(state.step + 1, params, opt_state, rng), metrics
 
   return train_step
@@ -156,11 +167,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state = init_state(config, model, optimizer, mesh)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint_every_steps,
                                              config.keep_checkpoints)
-  start_step = 0
+  start_step, data_position = 0, 0
   if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(state)
-    start_step = int(state.step)
+    state, meta = checkpointer.restore(state)
+    start_step, data_position = int(state.step), meta["data_position"]
     print(f"resuming from checkpoint at step {start_step} in {workdir}", flush=True)
+  saved_config = json.loads(config.to_json_best_effort())
   last_step = min(config.num_train_steps, stop_at_step or config.num_train_steps)
   if start_step >= last_step:
     checkpointer.close()
@@ -184,12 +196,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   history, first_loss, last_metrics, eval_metrics = [], None, {}, {}
   interval_start, interval_steps = time.perf_counter(), 0
 
+  nonfinite_streak = 0
   for step in range(start_step + 1, last_step + 1):
-    state, metrics = train_step(state, data.train_batch(step - 1))
+    state, metrics = train_step(state, data.train_batch(data_position))
+    data_position += 1
     history.append(metrics)
     interval_steps += 1
     is_last = step == last_step
-    checkpointer.maybe_save(step, state, is_last)
+    nonfinite_streak = nonfinite_streak + 1 if float(metrics["skipped"]) else 0
+    if config.max_nan_steps and nonfinite_streak >= config.max_nan_steps:
+      checkpointer.close()
+      raise NonFiniteError(
+          f"step {step}: loss or gradients were NaN/Inf for {nonfinite_streak} steps in a row "
+          f"(config.max_nan_steps={config.max_nan_steps}); stopped without saving, the last "
+          f"checkpoint is step {checkpointer.latest_step()}")
+    checkpointer.maybe_save(step, state, {"config": saved_config, "data_position": data_position},
+                            force=is_last)
     if step % config.log_every_steps == 0 or is_last or step == start_step + 1:
       logged = _mean_metrics(history)
       elapsed = time.perf_counter() - interval_start
@@ -223,9 +245,9 @@ def main(argv) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
     config_lib.validate(_CONFIG.value, jax.device_count(), jax.default_backend())
-  except config_lib.ConfigError as e:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (config_lib.ConfigError, checkpoint_lib.CheckpointError, NonFiniteError) as e:
     raise SystemExit(f"error: {e}") from None
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 def run() -> None:

@@ -1,0 +1,63 @@
+"""Wall time a train loop is blocked by an async Orbax save ÷ a synchronous save of the same state.
+
+Default config train state (params + AdamW moments) on one CPU device; saves alternate between
+an async and a sync checkpoint manager, each into its own fresh directory, and the median of
+each is compared. Writes its table into benchmarks/README.md.
+"""
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import orbax.checkpoint as ocp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.report import write_section  # noqa: E402
+from configs import default  # noqa: E402
+from mixtral_jax import checkpoint, train  # noqa: E402
+
+ROUNDS = 5
+
+
+def main():
+  config = default.get_config()
+  model = train.build_model(config)
+  state = train.init_state(config, model, train.make_optimizer(config))
+  jax.block_until_ready(state)
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+  meta = {"config": {}, "data_position": 0}
+  blocked, synchronous, completed = [], [], []
+  with tempfile.TemporaryDirectory() as root:
+    async_ckpt = checkpoint.Checkpointer(os.path.join(root, "async"), keep=2)
+    sync_manager = ocp.CheckpointManager(
+        os.path.join(root, "sync", "checkpoints"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
+    for step in range(1, ROUNDS + 1):
+      start = time.perf_counter()
+      async_ckpt.maybe_save(step, state, meta, force=True)
+      blocked.append(time.perf_counter() - start)
+      async_ckpt.wait()
+      completed.append(time.perf_counter() - start)
+      start = time.perf_counter()
+      sync_manager.save(step, args=ocp.args.StandardSave(state), force=True)
+      synchronous.append(time.perf_counter() - start)
+    async_ckpt.close()
+    sync_manager.close()
+
+  block, sync, done = (statistics.median(x) * 1e3 for x in (blocked, synchronous, completed))
+  lines = [f"Default config train state ({state_bytes / 1e6:.1f} MB: params + AdamW moments), "
+           f"1 CPU device, median of {ROUNDS} saves each.", "",
+           "| save | ms |", "|---|---:|",
+           f"| async: train loop blocked | {block:.1f} |",
+           f"| async: until written | {done:.1f} |",
+           f"| synchronous | {sync:.1f} |",
+           "", f"**blocked ÷ synchronous = {block / sync:.3f}** (goal ≤ 0.1)"]
+  print("\n".join(lines))
+  write_section("checkpoint", "\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()

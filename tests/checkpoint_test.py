@@ -1,0 +1,200 @@
+"""Checkpoints: resharding restore, kill -9, NaN steps, corrupted and foreign directories."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixtral_jax import checkpoint, sharding, train
+from train_test import REPO, tiny_config
+
+
+def restored_on(config, workdir, mesh_shape, devices):
+  config = config.copy_and_resolve_references()
+  config.mesh.update(dict(zip(sharding.MESH_AXES, mesh_shape)))
+  mesh = sharding.make_mesh(config.mesh, devices)
+  model = train.build_model(config, mesh)
+  template = train.init_state(config, model, train.make_optimizer(config), mesh)
+  state, _ = checkpoint.Checkpointer(workdir).restore(template)
+  return state
+
+
+def test_restore_onto_other_meshes_gives_identical_parameters(tmp_path):
+  config = tiny_config(tmp_path, num_train_steps=4)
+  config.model.num_experts = 8
+  config.mesh.update(data=2, fsdp=1, expert=4, tensor=1)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  original = restored_on(config, workdir, (2, 1, 4, 1), jax.devices())
+  expert_shards = original.params["layer_0"]["moe"]["experts"]["gate_up"].addressable_shards
+  assert {s.data.shape[0] for s in expert_shards} == {2}  # 8 experts over 4 expert shards
+  for mesh_shape, devices in (((1, 1, 8, 1), jax.devices()), ((1, 2, 2, 2), jax.devices()),
+                              ((1, 1, 1, 1), jax.devices()[:1])):
+    other = restored_on(config, workdir, mesh_shape, devices)
+    jax.tree.map(np.testing.assert_array_equal, other, original)
+  # Resuming on another mesh continues the run.
+  config.num_train_steps = 6
+  config.mesh.update(data=1, expert=8)
+  assert train.train_and_evaluate(config, workdir)["final_loss"] > 0
+
+
+def _cli(workdir, tmp_path, steps, extra=()):
+  config = tiny_config(tmp_path)
+  args = [sys.executable, "-u", "-m", "mixtral_jax.train", "--config=configs/default.py",
+          f"--workdir={workdir}"]
+  overrides = {"num_train_steps": steps, "global_batch_size": 8, "seq_len": 32,
+               "log_every_steps": 1, "eval_every_steps": 0, "eval_batches": 2,
+               "checkpoint_every_steps": 2, "keep_checkpoints": 100, "warmup_steps": 2,
+               "model.vocab_size": 320, "model.hidden_size": 32, "model.intermediate_size": 48,
+               "model.num_layers": 2, "model.num_heads": 4, "model.num_kv_heads": 2,
+               "model.head_dim": 8, "model.num_experts": 4, "model.block_size": 16,
+               "data.data_dir": config.data.data_dir, "data.files_root": config.data.files_root,
+               "data.eval_fraction": 0.25}
+  args += [f"--config.{k}={v}" for k, v in overrides.items()] + list(extra)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  return args, env
+
+
+def _tree_digest(path):
+  digest = {}
+  for root, _, names in os.walk(path):
+    for name in names:
+      full = os.path.join(root, name)
+      with open(full, "rb") as f:
+        digest[os.path.relpath(full, path)] = hash(f.read())
+  return digest
+
+
+def _final_loss(workdir):
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  return records[-1]["step"], records[-1]["loss"]
+
+
+def _run_and_kill(args, env, at_line):
+  """Starts training and SIGKILLs it the moment it prints a line starting with `at_line`."""
+  proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+  for line in proc.stdout:
+    if line.startswith(at_line):
+      os.kill(proc.pid, signal.SIGKILL)
+      break
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+
+
+def test_kill_9_resumes_from_last_complete_checkpoint(tmp_path):
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  args, env = _cli(straight, tmp_path, 16)
+  subprocess.run(args, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+
+  args, env = _cli(killed, tmp_path, 16)
+  checkpoints = os.path.join(killed, "checkpoints")
+  _run_and_kill(args, env, "step 5/")  # between saves (every 2 steps)
+  # A step's log line follows the start of its async save: killing right then catches the
+  # save in flight, leaving Orbax's temporary directory instead of a step directory.
+  for save_step in (8, 10, 12):
+    _run_and_kill(args, env, f"step {save_step}/")
+    partial = [d for d in os.listdir(checkpoints) if not d.isdigit()]
+    if partial:
+      break
+  assert partial, "no kill landed while a save was in flight"
+  complete = checkpoint.Checkpointer(killed, read_only=True).all_steps()
+  assert max(complete) == save_step - 2
+  digests = {s: _tree_digest(os.path.join(checkpoints, str(s))) for s in complete}
+
+  result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"resuming from checkpoint at step {max(complete)}" in result.stdout
+  assert _final_loss(killed) == _final_loss(straight)
+  for step, digest in digests.items():
+    assert _tree_digest(os.path.join(checkpoints, str(step))) == digest
+  assert not [d for d in os.listdir(checkpoints) if not d.isdigit()]  # leftovers cleaned up
+
+
+class _NaNAfter:
+  """Wraps LMData: batches from `start` on carry NaN loss weights."""
+
+  def __init__(self, data, start):
+    self._data, self._start = data, start
+
+  def __getattr__(self, name):
+    return getattr(self._data, name)
+
+  def train_batch(self, step):
+    batch = self._data.train_batch(step)
+    if step >= self._start:
+      batch = dict(batch, weights=np.full_like(batch["weights"], np.nan))
+    return batch
+
+
+def test_nan_steps_are_not_applied_and_stop_the_run(tmp_path, monkeypatch):
+  config = tiny_config(tmp_path, num_train_steps=20, checkpoint_every_steps=4, max_nan_steps=3)
+  make_data = train.data_lib.make_data
+  monkeypatch.setattr(train.data_lib, "make_data", lambda c: _NaNAfter(make_data(c), 9))
+  workdir = str(tmp_path / "run")
+  with pytest.raises(train.NonFiniteError, match=r"^step 12: loss or gradients were NaN/Inf "
+                                                 r"for 3 steps in a row .* checkpoint is step 8"):
+    train.train_and_evaluate(config, workdir)
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert records[-1]["step"] == 8  # log_every_steps=4: steps 9-12 never reached a log line
+
+  model = train.build_model(config, sharding.make_mesh(config.mesh))
+  template = train.init_state(config, model, train.make_optimizer(config),
+                              sharding.make_mesh(config.mesh))
+  saved, meta = checkpoint.Checkpointer(workdir).restore(template)
+  assert int(saved.step) == 8 and meta["data_position"] == 8
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved.params))
+
+
+def test_nonfinite_step_leaves_parameters_unchanged(tmp_path):
+  config = tiny_config(tmp_path)
+  model = train.build_model(config)
+  optimizer = train.make_optimizer(config)
+  state = train.init_state(config, model, optimizer)
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (8, 33), 0, 320)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "weights": jnp.full((8, 32), jnp.inf)}
+  new_state, metrics = jax.jit(train.make_train_step(config, model, optimizer))(state, batch)
+  assert float(metrics["skipped"]) == 1.0 and int(new_state.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, new_state.params, state.params)
+  jax.tree.map(np.testing.assert_array_equal, new_state.opt_state, state.opt_state)
+
+
+def test_foreign_model_checkpoint_names_the_mismatch(tmp_path):
+  config = tiny_config(tmp_path, num_train_steps=2)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  config.num_train_steps = 4
+  config.model.hidden_size = 64
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"checkpoints/2 does not match this model: params/embed is "
+                           r"\(320, 32\) there, \(320, 64\) here"):
+    train.train_and_evaluate(config, workdir)
+
+
+def test_garbage_checkpoint_directory_gives_a_clear_error(tmp_path):
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints" / "7").mkdir(parents=True)
+  (workdir / "checkpoints" / "7" / "junk.bin").write_bytes(os.urandom(100))
+  config = tiny_config(tmp_path, num_train_steps=2)
+  with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/7 is not a readable "
+                                                       r"mixtral_jax checkpoint"):
+    train.train_and_evaluate(config, str(workdir))
+  assert (workdir / "checkpoints" / "7" / "junk.bin").exists()  # nothing deleted
+
+
+def test_info_lists_checkpoints(tmp_path):
+  config = tiny_config(tmp_path, num_train_steps=4, checkpoint_every_steps=2)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  result = subprocess.run([sys.executable, "-m", "mixtral_jax.checkpoint", "info", workdir],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+  lines = result.stdout.strip().splitlines()
+  assert [int(line.split()[1]) for line in lines] == [2, 4]
+  assert "next batch 4" in lines[1] and "hidden_size=32" in lines[1]
