@@ -19,13 +19,17 @@ setup(
         "sentencepiece>=0.2.0",
         "tensorflow-datasets>=4.9.10",
         "array-record>=0.8.0",
+        "safetensors>=0.4",
         "absl-py>=2.0",
         "numpy>=2.0",
     ],
     extras_require={
-        "dev": ["pytest>=8.0"],
+        # torch pinned: this exact CPU wheel is on the project's machines; a bare "torch"
+        # would pull a multi-GB CUDA build.
+        "dev": ["pytest>=8.0", "torch==2.13.0", "transformers>=4.46"],
     },
     entry_points={
-        "console_scripts": ["mixtral-train=mixtral_jax.train:run"],
+        "console_scripts": ["mixtral-train=mixtral_jax.train:run",
+                            "mixtral-convert=mixtral_jax.convert:main"],
     },
 )

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from mixtral_jax import dispatch as dispatch_lib
 from mixtral_jax import sharding
-from mixtral_jax.experts import apply_experts
+from mixtral_jax.experts import DOWN_AXES, GATE_UP_AXES, apply_experts
 
 _EXPERT_AXIS, _FSDP_AXIS, _TENSOR_AXIS = "expert", "fsdp", "tensor"
 
@@ -93,8 +93,8 @@ def expert_parallel_moe(tokens, expert_index, combine_weights, gate_up, down, *,
                         all_to_all: str = "padded"):
   """tokens [N, D] (batch-sharded), routing [N, k], experts [E, …] → (out [N, D], dropped)."""
   batch_spec = sharding.logical_to_spec(("batch", None))
-  gate_up_spec = sharding.logical_to_spec(("exp", "embed", None, "mlp"))
-  down_spec = sharding.logical_to_spec(("exp", "mlp", "embed"))
+  gate_up_spec = sharding.logical_to_spec(GATE_UP_AXES)
+  down_spec = sharding.logical_to_spec(DOWN_AXES)
 
   def local(tokens, expert_index, combine_weights, gate_up, down):
     gate_up = jax.lax.all_gather(gate_up, _FSDP_AXIS, axis=1, tiled=True)

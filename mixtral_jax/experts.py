@@ -11,6 +11,11 @@ from mixtral_jax.dispatch import Layout
 from mixtral_jax.layers import kernel_init
 
 
+# Logical axes of the expert weights (gate_up [E, D, 2, I], down [E, I, D]).
+GATE_UP_AXES = ("exp", "embed", None, "mlp")
+DOWN_AXES = ("exp", "mlp", "embed")
+
+
 def resolve_grouped_matmul(name: str) -> str:
   """"auto" picks the blocked loop on CPU and ragged_dot where XLA has a native grouped matmul."""
   if name != "auto":
@@ -39,10 +44,10 @@ class ExpertWeights(nn.Module):
     """→ (gate_up [E, D, 2, I], down [E, I, D]) in the compute dtype."""
     e, d, i = self.num_experts, self.hidden_size, self.intermediate_size
     gate_up = self.param(
-        "gate_up", nn.with_logical_partitioning(kernel_init, ("exp", "embed", None, "mlp")),
-        (e, d, 2, i), jnp.float32)
-    down = self.param("down", nn.with_logical_partitioning(kernel_init, ("exp", "mlp", "embed")),
-                      (e, i, d), jnp.float32)
+        "gate_up", nn.with_logical_partitioning(kernel_init, GATE_UP_AXES), (e, d, 2, i),
+        jnp.float32)
+    down = self.param("down", nn.with_logical_partitioning(kernel_init, DOWN_AXES), (e, i, d),
+                      jnp.float32)
     return gate_up.astype(self.dtype), down.astype(self.dtype)
 
 

@@ -17,6 +17,7 @@ class MoEStats(NamedTuple):
   aux_loss: jax.Array  # [] load-balancing loss of this layer
   z_loss: jax.Array  # [] router z-loss of this layer
   expert_load: jax.Array  # [E] fraction of token-slots routed to each expert
+  mean_probability: jax.Array  # [E] mean router probability of each expert
   dropped_fraction: jax.Array  # [] fraction of slots dropped for lack of capacity
 
 
@@ -78,5 +79,6 @@ class MoE(nn.Module):
         aux_loss=router_lib.load_balancing_loss(routing, flat_mask),
         z_loss=router_lib.z_loss(routing.logits, flat_mask),
         expert_load=router_lib.expert_load(routing.expert_index, self.num_experts, flat_mask),
+        mean_probability=router_lib.mean_probability(routing, flat_mask),
         dropped_fraction=dropped)
     return out.reshape(batch, length, hidden).astype(x.dtype), stats

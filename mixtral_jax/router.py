@@ -37,6 +37,11 @@ def expert_load(expert_index, num_experts: int, token_mask: Optional[jax.Array] 
   return _masked_mean(per_token, token_mask) / expert_index.shape[1]
 
 
+def mean_probability(routing: Routing, token_mask: Optional[jax.Array] = None):
+  """Mean router probability of each expert over tokens, [E]."""
+  return _masked_mean(jax.nn.softmax(routing.logits, axis=-1), token_mask)
+
+
 def load_balancing_loss(routing: Routing, token_mask: Optional[jax.Array] = None):
   """Switch-style loss E · Σ_e f_e · P_e, with f_e the fraction of tokens sending a slot to e.
 
@@ -45,8 +50,7 @@ def load_balancing_loss(routing: Routing, token_mask: Optional[jax.Array] = None
   num_experts = routing.logits.shape[-1]
   k = routing.expert_index.shape[1]
   tokens_per_expert = expert_load(routing.expert_index, num_experts, token_mask) * k  # [E]
-  mean_prob = _masked_mean(jax.nn.softmax(routing.logits, axis=-1), token_mask)  # [E]
-  return num_experts * jnp.sum(tokens_per_expert * mean_prob)
+  return num_experts * jnp.sum(tokens_per_expert * mean_probability(routing, token_mask))
 
 
 def z_loss(logits, token_mask: Optional[jax.Array] = None):

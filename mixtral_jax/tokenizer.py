@@ -43,7 +43,7 @@ def _training_sentences(texts: Iterable[str], max_chars: int) -> Iterator[str]:
       return
 
 
-def _write_atomically(path: str, contents: bytes) -> None:
+def write_atomically(path: str, contents: bytes) -> None:
   """Writes via a temp file in the same directory so readers never see a partial file."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
@@ -81,7 +81,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: str,
       num_threads=_TRAIN_THREADS,
       minloglevel=2,  # the trainer's per-iteration progress lines would flood the logs
   )
-  _write_atomically(model_path, model.getvalue())
+  write_atomically(model_path, model.getvalue())
   return model_path
 
 

@@ -25,6 +25,7 @@ from mixtral_jax import config as config_lib
 from mixtral_jax import data as data_lib
 from mixtral_jax import metrics as metrics_lib
 from mixtral_jax import sharding
+from mixtral_jax import tokenizer as tokenizer_lib
 from mixtral_jax.model import Mixtral, count_params
 from mixtral_jax.optimizer import learning_rate_schedule, make_optimizer
 
@@ -162,6 +163,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   mesh = sharding.make_mesh(config.mesh)
   data = data_lib.make_data(config)
+  # The run's own copy of its tokenizer, for export (mixtral-convert) and inference.
+  tokenizer_lib.write_atomically(os.path.join(workdir, "tokenizer.model"),
+                                 data.tokenizer.serialized_model_proto())
   model = build_model(config, mesh)
   optimizer = make_optimizer(config)
   state = init_state(config, model, optimizer, mesh)

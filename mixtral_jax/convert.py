@@ -1,0 +1,299 @@
+"""Convert between our checkpoints and the HF transformers Mixtral format (safetensors).
+
+    mixtral-convert to-hf --workdir WORKDIR [--step N] --out DIR
+    mixtral-convert from-hf --hf DIR --workdir WORKDIR
+
+Keys follow `save_pretrained`'s per-expert layout, which transformers 4.x and 5.x both load:
+`model.layers.N.block_sparse_moe.experts.M.{w1,w2,w3}.weight`, PyTorch Linear weights [out, in].
+The output is written to a temporary directory beside `--out` and renamed into place, so a
+failed export never leaves a half-written directory.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any, Iterator, Optional
+
+import ml_collections
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from configs import default
+from mixtral_jax import checkpoint, train
+
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def hf_config(model_config) -> dict[str, Any]:
+  """config.json fields of transformers' MixtralConfig for our `config.model`."""
+  m = model_config
+  return {
+      "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+      "vocab_size": m.vocab_size, "hidden_size": m.hidden_size,
+      "intermediate_size": m.intermediate_size, "num_hidden_layers": m.num_layers,
+      "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads,
+      "head_dim": m.head_dim, "hidden_act": "silu", "rms_norm_eps": m.rms_norm_eps,
+      "rope_theta": m.rope_theta,
+      "rope_parameters": {"rope_theta": m.rope_theta, "rope_type": "default"},
+      "sliding_window": m.sliding_window or None, "tie_word_embeddings": False,
+      "num_local_experts": m.num_experts, "num_experts_per_tok": m.experts_per_token,
+      "router_aux_loss_coef": m.router_aux_loss_coef, "router_jitter_noise": 0.0,
+      "output_router_logits": False, "max_position_embeddings": 32768,
+      "initializer_range": 0.02, "attention_dropout": 0.0, "use_cache": True,
+      "bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0, "dtype": "float32",
+  }
+
+
+def hf_tensors(params, model_config) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF key, array) pairs for our params, one tensor at a time (never two full copies)."""
+  m = model_config
+  f32 = lambda x: np.asarray(x, np.float32)
+  yield "model.embed_tokens.weight", f32(params["embed"])
+  yield "model.norm.weight", f32(params["final_norm"]["scale"])
+  yield "lm_head.weight", f32(params["lm_head"]["kernel"]).T
+  for i in range(m.num_layers):
+    layer, prefix = params[f"layer_{i}"], f"model.layers.{i}"
+    yield f"{prefix}.input_layernorm.weight", f32(layer["input_norm"]["scale"])
+    yield f"{prefix}.post_attention_layernorm.weight", f32(layer["post_attention_norm"]["scale"])
+    attn = layer["attention"]
+    for name in ("q_proj", "k_proj", "v_proj"):
+      kernel = f32(attn[name]["kernel"])  # [D, heads, head_dim]
+      yield f"{prefix}.self_attn.{name}.weight", kernel.reshape(kernel.shape[0], -1).T
+    o = f32(attn["o_proj"]["kernel"])  # [heads, head_dim, D]
+    yield f"{prefix}.self_attn.o_proj.weight", o.reshape(-1, o.shape[-1]).T
+    moe = layer["moe"]
+    yield f"{prefix}.block_sparse_moe.gate.weight", f32(moe["router"]["kernel"]).T
+    gate_up, down = moe["experts"]["gate_up"], moe["experts"]["down"]  # [E, D, 2, I], [E, I, D]
+    for e in range(m.num_experts):
+      expert = f"{prefix}.block_sparse_moe.experts.{e}"
+      gu = f32(gate_up[e])
+      yield f"{expert}.w1.weight", gu[:, 0, :].T
+      yield f"{expert}.w3.weight", gu[:, 1, :].T
+      yield f"{expert}.w2.weight", f32(down[e]).T
+
+
+def _write_shards(tensors: Iterator[tuple[str, np.ndarray]], out_dir: str,
+                  max_shard_bytes: int) -> None:
+  shards: list[dict[str, np.ndarray]] = [{}]
+  sizes = [0]
+  for key, array in tensors:
+    if sizes[-1] and sizes[-1] + array.nbytes > max_shard_bytes:
+      shards.append({})
+      sizes.append(0)
+    shards[-1][key] = np.ascontiguousarray(array)
+    sizes[-1] += array.nbytes
+  if len(shards) == 1:
+    save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    return
+  weight_map = {}
+  for n, shard in enumerate(shards, 1):
+    name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+    save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
+    weight_map.update({key: name for key in shard})
+  with open(os.path.join(out_dir, _SAFETENSORS_INDEX), "w") as f:
+    json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=2)
+
+
+# Loads our SentencePiece model through transformers' Llama tokenizer: no added BOS/EOS and no
+# prefix space, as we train it (checked token for token in tests/convert_test.py).
+_TOKENIZER_CONFIG = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False,
+                     "add_eos_token": False, "add_prefix_space": False, "legacy": False,
+                     "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                     "pad_token": "<pad>"}
+
+
+def export_hf(params, model_config, out_dir: str, max_shard_bytes: int = 4 << 30,
+              tokenizer_model: Optional[str] = None) -> None:
+  """Writes config.json, safetensors and (if given) the tokenizer to `out_dir`, atomically."""
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir):
+    raise FileExistsError(f"--out {out_dir} already exists; choose a new directory")
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+  try:
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(hf_config(model_config), f, indent=2)
+    _write_shards(hf_tensors(params, model_config), tmp, max_shard_bytes)
+    if tokenizer_model:
+      shutil.copyfile(tokenizer_model, os.path.join(tmp, "tokenizer.model"))
+      with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+        json.dump(_TOKENIZER_CONFIG, f, indent=2)
+    os.replace(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+class ConversionError(ValueError):
+  """An HF directory cannot be imported; the message names the file or key."""
+
+
+def model_config_from_hf(hf_dir: str) -> ml_collections.ConfigDict:
+  """Our `config.model` (defaults for training-only fields) from an HF Mixtral config.json."""
+  path = os.path.join(hf_dir, "config.json")
+  try:
+    hf = json.load(open(path))
+  except (OSError, ValueError) as e:
+    raise ConversionError(f"{path}: cannot read an HF config ({type(e).__name__})") from None
+  if hf.get("model_type") != "mixtral":
+    raise ConversionError(f"{path}: model_type is {hf.get('model_type')!r}, not 'mixtral'")
+  model = default.get_config().model
+  rope = hf.get("rope_parameters") or {}
+  model.update(
+      vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+      intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+      num_heads=hf["num_attention_heads"], num_kv_heads=hf["num_key_value_heads"],
+      head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+      num_experts=hf["num_local_experts"], experts_per_token=hf["num_experts_per_tok"],
+      rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 1e6))),
+      rms_norm_eps=hf["rms_norm_eps"], sliding_window=hf.get("sliding_window") or 0,
+      router_aux_loss_coef=hf.get("router_aux_loss_coef", model.router_aux_loss_coef))
+  return model
+
+
+class _SafetensorsReader:
+  """Reads tensors by key from model.safetensors or the shards an index names, as numpy."""
+
+  def __init__(self, hf_dir: str):
+    index = os.path.join(hf_dir, _SAFETENSORS_INDEX)
+    if os.path.exists(index):
+      weight_map = json.load(open(index))["weight_map"]
+    elif os.path.exists(os.path.join(hf_dir, "model.safetensors")):
+      weight_map = None
+    else:
+      raise ConversionError(f"{hf_dir}: no model.safetensors or {_SAFETENSORS_INDEX}")
+    self._dir, self._weight_map, self._files = hf_dir, weight_map, {}
+    for name in set(weight_map.values()) if weight_map else ["model.safetensors"]:
+      if not os.path.exists(os.path.join(hf_dir, name)):
+        raise ConversionError(f"{hf_dir}: shard {name} named in {_SAFETENSORS_INDEX} is missing")
+    self.keys = set(weight_map) if weight_map else set(self._file("model.safetensors").keys())
+
+  def _file(self, name: str):
+    if name not in self._files:
+      self._files[name] = safe_open(os.path.join(self._dir, name), framework="numpy")
+    return self._files[name]
+
+  def __call__(self, key: str, shape: tuple) -> np.ndarray:
+    if key not in self.keys:
+      raise ConversionError(f"{self._dir}: tensor {key} is missing")
+    array = self._file(self._weight_map[key] if self._weight_map else "model.safetensors"
+                       ).get_tensor(key)
+    if array.shape != tuple(shape):
+      raise ConversionError(f"{self._dir}: tensor {key} has shape {tuple(array.shape)}, "
+                            f"expected {tuple(shape)} from config.json")
+    return array
+
+
+def params_from_hf(read, model_config) -> dict:
+  """Our params from `read(key, expected_shape)`; accepts per-expert and fused (v5) experts."""
+  m = model_config
+  d, v, i, e = m.hidden_size, m.vocab_size, m.intermediate_size, m.num_experts
+  h, kv, hd = m.num_heads, m.num_kv_heads, m.head_dim
+  params = {"embed": read("model.embed_tokens.weight", (v, d)),
+            "final_norm": {"scale": read("model.norm.weight", (d,))},
+            "lm_head": {"kernel": read("lm_head.weight", (v, d)).T}}
+  fused = "model.layers.0.mlp.experts.gate_up_proj" in getattr(read, "keys", ())
+  for n in range(m.num_layers):
+    p = f"model.layers.{n}"
+    attention = {name: {"kernel": read(f"{p}.self_attn.{name}.weight", (heads * hd, d))
+                        .T.reshape(d, heads, hd)}
+                 for name, heads in (("q_proj", h), ("k_proj", kv), ("v_proj", kv))}
+    attention["o_proj"] = {"kernel": read(f"{p}.self_attn.o_proj.weight", (d, h * hd))
+                           .T.reshape(h, hd, d)}
+    if fused:
+      router = read(f"{p}.mlp.gate.weight", (e, d))
+      gate_up = read(f"{p}.mlp.experts.gate_up_proj", (e, 2 * i, d))  # cat(w1, w3) on dim 1
+      gate_up = gate_up.reshape(e, 2, i, d).transpose(0, 3, 1, 2)  # [E, D, 2, I]
+      down = read(f"{p}.mlp.experts.down_proj", (e, d, i)).transpose(0, 2, 1)  # [E, I, D]
+    else:
+      q = f"{p}.block_sparse_moe"
+      router = read(f"{q}.gate.weight", (e, d))
+      gate_up = np.stack([np.stack([read(f"{q}.experts.{x}.w1.weight", (i, d)).T,
+                                    read(f"{q}.experts.{x}.w3.weight", (i, d)).T], axis=1)
+                          for x in range(e)])
+      down = np.stack([read(f"{q}.experts.{x}.w2.weight", (d, i)).T for x in range(e)])
+    params[f"layer_{n}"] = {
+        "input_norm": {"scale": read(f"{p}.input_layernorm.weight", (d,))},
+        "post_attention_norm": {"scale": read(f"{p}.post_attention_layernorm.weight", (d,))},
+        "attention": attention,
+        "moe": {"router": {"kernel": router.T}, "experts": {"gate_up": gate_up, "down": down}}}
+  return _float32_tree(params)
+
+
+def _float32_tree(params) -> dict:
+  """Contiguous float32 copies: checkpoints hold float32 parameters."""
+  if isinstance(params, dict):
+    return {k: _float32_tree(v) for k, v in params.items()}
+  return np.ascontiguousarray(params, dtype=np.float32)
+
+
+def import_hf(hf_dir: str, workdir: str) -> ml_collections.ConfigDict:
+  """Writes an HF Mixtral as step-0 checkpoint of `workdir`; returns the training config."""
+  config = default.get_config()
+  config.model = model_config_from_hf(hf_dir)
+  reader = _SafetensorsReader(hf_dir)
+  params = params_from_hf(reader, config.model)
+  checkpointer = checkpoint.Checkpointer(workdir, keep=1)
+  if checkpointer.latest_step() is not None:
+    raise ConversionError(f"{checkpointer.directory} already holds checkpoints; use a new workdir")
+  model = train.build_model(config)
+  state = train.init_state(config, model, train.make_optimizer(config))
+  state = state.replace(params=params, opt_state=train.make_optimizer(config).init(params))
+  checkpointer.maybe_save(0, state, {"config": json.loads(config.to_json_best_effort()),
+                                     "data_position": 0}, force=True)
+  checkpointer.close()
+  return config
+
+
+def restore_params(workdir: str, step=None):
+  """(params, config.model) of checkpoint `step` (default: latest) in `workdir`, on one device."""
+  checkpointer = checkpoint.Checkpointer(workdir, read_only=True)
+  step = checkpointer.latest_step() if step is None else step
+  if step is None:
+    raise checkpoint.CheckpointError(f"{checkpointer.directory}: no complete checkpoint")
+  config = ml_collections.ConfigDict(checkpointer.meta(step)["config"])
+  model = train.build_model(config)
+  template = train.init_state(config, model, train.make_optimizer(config))
+  state, _ = checkpointer.restore(template, step)
+  return state.params, config.model
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="mixtral-convert", description=__doc__.splitlines()[0])
+  commands = parser.add_subparsers(dest="command", required=True)
+  to_hf = commands.add_parser("to-hf", help="checkpoint → HF transformers Mixtral directory")
+  to_hf.add_argument("--workdir", required=True)
+  to_hf.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+  to_hf.add_argument("--out", required=True)
+  to_hf.add_argument("--max_shard_bytes", type=int, default=4 << 30)
+  from_hf = commands.add_parser("from-hf", help="HF transformers Mixtral directory → checkpoint")
+  from_hf.add_argument("--hf", required=True)
+  from_hf.add_argument("--workdir", required=True)
+  args = parser.parse_args(argv)
+  try:
+    if args.command == "to-hf":
+      params, model_config = restore_params(args.workdir, args.step)
+      tokenizer = os.path.join(args.workdir, "tokenizer.model")
+      if not os.path.exists(tokenizer):
+        print(f"warning: no {tokenizer}; exporting without a tokenizer", file=sys.stderr)
+        tokenizer = None
+      export_hf(params, model_config, args.out, args.max_shard_bytes, tokenizer)
+      print(f"wrote {args.out}")
+    else:
+      model = import_hf(args.hf, args.workdir).model
+      flags = " ".join(f"--config.model.{k}={model[k]}" for k in sorted(model.keys()))
+      print(f"wrote step 0 of {args.workdir}; train it with: mixtral-train "
+            f"--workdir={args.workdir} {flags}")
+  except (checkpoint.CheckpointError, ConversionError, FileExistsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,197 @@
+"""Export to HF transformers: logits of transformers' MixtralForCausalLM equal ours."""
+
+import inspect
+import json
+import json.decoder
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import sentencepiece
+import torch
+import transformers
+
+from mixtral_jax import checkpoint, convert, sharding, train
+from train_test import tiny_config
+
+
+def tiny_trained_params(tmp_path, **model_overrides):
+  config = tiny_config(tmp_path)
+  config.model.update(num_layers=3, num_experts=8, **model_overrides)
+  model = train.build_model(config)
+  state = train.init_state(config, model, train.make_optimizer(config))
+  # Larger than the 0.02 init so routing and logits differ clearly between tokens.
+  params = jax.tree.map(lambda p: p * 8.0 if p.ndim > 1 else p, state.params)
+  return config, model, params
+
+
+def load_hf(path):
+  """transformers' model from `path`, checking that every key matched."""
+  kwargs = {"experts_implementation": "eager"} if transformers.__version__ >= "5" else {}
+  model, info = transformers.MixtralForCausalLM.from_pretrained(
+      path, dtype=torch.float32, output_loading_info=True, **kwargs)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  return model
+
+
+@pytest.mark.parametrize("sliding_window", [0, 5])
+def test_hf_logits_match_ours(tmp_path, sliding_window):
+  config, model, params = tiny_trained_params(tmp_path, sliding_window=sliding_window)
+  out = tmp_path / "hf"
+  convert.export_hf(params, config.model, str(out))
+  hf = load_hf(str(out)).eval()
+
+  # Rows of 12, 7 and 3 real tokens, right-padded; HF gets the attention mask.
+  tokens = np.array(jax.random.randint(jax.random.PRNGKey(3), (3, 12), 0, 320))
+  mask = (np.arange(12) < np.array([[12], [7], [3]])).astype(np.int64)
+  tokens = tokens * mask
+  ours, _ = jax.jit(model.apply)({"params": params}, jnp.asarray(tokens),
+                                 token_mask=jnp.asarray(mask))
+  with torch.no_grad():
+    theirs = hf(torch.from_numpy(tokens), attention_mask=torch.from_numpy(mask)).logits.numpy()
+  assert np.abs(np.asarray(ours)).max() > 1.0
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(theirs[valid], np.asarray(ours)[valid], atol=1e-4, rtol=0)
+
+
+def test_export_is_sharded_above_threshold_and_atomic(tmp_path):
+  config, model, params = tiny_trained_params(tmp_path)
+  out = tmp_path / "sharded"
+  convert.export_hf(params, config.model, str(out), max_shard_bytes=100_000)
+  index = json.load(open(out / "model.safetensors.index.json"))
+  assert len(set(index["weight_map"].values())) > 1
+  tokens = np.arange(10)[None]
+  with torch.no_grad():
+    sharded = load_hf(str(out))(torch.from_numpy(tokens)).logits.numpy()
+  ours, _ = model.apply({"params": params}, jnp.asarray(tokens))
+  np.testing.assert_allclose(sharded, ours, atol=1e-4, rtol=0)
+  with pytest.raises(FileExistsError, match="already exists"):
+    convert.export_hf(params, config.model, str(out))
+  assert [p for p in os.listdir(tmp_path) if p.startswith(".tmp-export-")] == []
+
+
+def test_cli_exports_expert_parallel_checkpoint_like_one_device(tmp_path):
+  config = tiny_config(tmp_path, num_train_steps=2)
+  config.model.num_experts = 8
+  config.mesh.update(data=1, expert=8)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  assert convert.main(["to-hf", "--workdir", workdir, "--out", str(tmp_path / "a")]) == 0
+  # The same checkpoint restored onto the 8-device expert-parallel mesh, exported from there.
+  mesh = sharding.make_mesh(config.mesh)
+  template = train.init_state(config, train.build_model(config, mesh),
+                              train.make_optimizer(config), mesh)
+  state, _ = checkpoint.Checkpointer(workdir).restore(template)
+  assert len(state.params["layer_0"]["moe"]["experts"]["down"].addressable_shards) == 8
+  convert.export_hf(state.params, config.model, str(tmp_path / "b"))
+  for name in ("model.safetensors", "config.json"):
+    assert open(tmp_path / "a" / name, "rb").read() == open(tmp_path / "b" / name, "rb").read()
+
+  # The exported tokenizer loads with AutoTokenizer and tokenizes exactly like ours.
+  hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "a"))
+  ours = sentencepiece.SentencePieceProcessor(model_file=os.path.join(workdir, "tokenizer.model"))
+  text = inspect.getsource(json.decoder) + "\tx  =  'café ☃'\n\n"
+  ids = hf_tokenizer.encode(text, add_special_tokens=False)
+  assert ids == ours.encode(text)
+  assert hf_tokenizer.decode(ids) == text
+
+
+def test_hf_aux_loss_and_greedy_generation_match_ours(tmp_path):
+  config, model, params = tiny_trained_params(tmp_path)
+  convert.export_hf(params, config.model, str(tmp_path / "hf"))
+  hf = load_hf(str(tmp_path / "hf")).eval()
+  apply = jax.jit(model.apply)
+
+  tokens = np.array(jax.random.randint(jax.random.PRNGKey(4), (2, 16), 0, 320))
+  _, stats = apply({"params": params}, jnp.asarray(tokens))
+  with torch.no_grad():
+    hf_aux = hf(torch.from_numpy(tokens), output_router_logits=True).aux_loss.item()
+  # transformers pools all layers' tokens before E · Σ f·P; our per-layer stats give the same.
+  k, e = config.model.experts_per_token, config.model.num_experts
+  pooled = e * np.sum(k * np.mean(stats.expert_load, 0) * np.mean(stats.mean_probability, 0))
+  np.testing.assert_allclose(hf_aux, pooled, rtol=1e-5)
+
+  prompt, new = [5, 17, 42, 7], 20
+  buffer = np.zeros((1, len(prompt) + new), np.int32)
+  buffer[0, :len(prompt)] = prompt
+  for t in range(len(prompt), len(prompt) + new):  # causal: the zeros after t don't matter
+    logits, _ = apply({"params": params}, jnp.asarray(buffer))
+    buffer[0, t] = int(jnp.argmax(logits[0, t - 1]))
+  with torch.no_grad():
+    hf_out = hf.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new,
+                         do_sample=False)
+  assert hf_out[0].tolist() == buffer[0].tolist()
+
+
+def hf_tiny(path, fused=False):
+  """A random transformers Mixtral saved to `path` (legacy per-expert or fused v5 layout)."""
+  torch.manual_seed(0)
+  config = transformers.MixtralConfig(
+      vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, rope_theta=1e4)
+  model = transformers.MixtralForCausalLM(config)
+  kwargs = {"save_original_format": False} if fused else {}
+  model.save_pretrained(path, **kwargs)
+  return model
+
+
+def tensors(path):
+  reader = convert._SafetensorsReader(str(path))
+  return {key: reader._file("model.safetensors").get_tensor(key) for key in reader.keys}
+
+
+def test_hf_round_trips_are_bit_identical(tmp_path):
+  hf_tiny(tmp_path / "hf")
+  convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
+  params, model_config = convert.restore_params(str(tmp_path / "run"))
+  convert.export_hf(params, model_config, str(tmp_path / "back"))
+  original, back = tensors(tmp_path / "hf"), tensors(tmp_path / "back")
+  assert original.keys() == back.keys()
+  for key in original:
+    np.testing.assert_array_equal(back[key], original[key], err_msg=key)
+
+  # The fused v5 layout imports to the same parameters.
+  hf_tiny(tmp_path / "hf5", fused=True)
+  convert.import_hf(str(tmp_path / "hf5"), str(tmp_path / "run5"))
+  jax.tree.map(np.testing.assert_array_equal,
+               convert.restore_params(str(tmp_path / "run5"))[0], params)
+
+  # ours → HF → ours.
+  config, _, ours = tiny_trained_params(tmp_path)
+  convert.export_hf(ours, config.model, str(tmp_path / "ours_hf"))
+  convert.import_hf(str(tmp_path / "ours_hf"), str(tmp_path / "ours_again"))
+  jax.tree.map(np.testing.assert_array_equal,
+               convert.restore_params(str(tmp_path / "ours_again"))[0], ours)
+
+
+def test_bad_hf_directories_give_one_line_errors(tmp_path, capsys):
+  hf_tiny(tmp_path / "hf")
+  cases = {}
+  not_mixtral = tmp_path / "llama"
+  not_mixtral.mkdir()
+  (not_mixtral / "config.json").write_text(json.dumps({"model_type": "llama"}))
+  cases[not_mixtral] = "model_type is 'llama', not 'mixtral'"
+
+  wrong_experts = tmp_path / "wrong_experts"
+  wrong_experts.mkdir()
+  hf_config = json.load(open(tmp_path / "hf" / "config.json"))
+  (wrong_experts / "config.json").write_text(json.dumps(dict(hf_config, num_local_experts=6)))
+  os.link(tmp_path / "hf" / "model.safetensors", wrong_experts / "model.safetensors")
+  cases[wrong_experts] = "block_sparse_moe.gate.weight has shape (4, 16), expected (6, 16)"
+
+  missing_shard = tmp_path / "missing_shard"
+  missing_shard.mkdir()
+  (missing_shard / "config.json").write_text(json.dumps(hf_config))
+  (missing_shard / "model.safetensors.index.json").write_text(json.dumps(
+      {"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
+  cases[missing_shard] = "shard model-00002-of-00002.safetensors named in"
+
+  capsys.readouterr()  # drop save_pretrained's progress output
+  for path, message in cases.items():
+    workdir = tmp_path / f"run_{path.name}"
+    assert convert.main(["from-hf", "--hf", str(path), "--workdir", str(workdir)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and message in error, error
+    assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
