@@ -233,7 +233,11 @@ def _float32_tree(params) -> dict:
 
 
 def import_hf(hf_dir: str, workdir: str) -> ml_collections.ConfigDict:
-  """Writes an HF Mixtral as step-0 checkpoint of `workdir`; returns the training config."""
+  """Writes an HF Mixtral as step-0 checkpoint of `workdir`; returns the training config.
+
+  Its SentencePiece `tokenizer.model`, if any, becomes WORKDIR/tokenizer.model and the
+  config's `data.tokenizer_path`, so fine-tuning tokenizes as the model was trained.
+  """
   config = default.get_config()
   config.model = model_config_from_hf(hf_dir)
   reader = _SafetensorsReader(hf_dir)
@@ -241,6 +245,9 @@ def import_hf(hf_dir: str, workdir: str) -> ml_collections.ConfigDict:
   checkpointer = checkpoint.Checkpointer(workdir, keep=1)
   if checkpointer.latest_step() is not None:
     raise ConversionError(f"{checkpointer.directory} already holds checkpoints; use a new workdir")
+  if os.path.exists(os.path.join(hf_dir, "tokenizer.model")):
+    config.data.tokenizer_path = os.path.abspath(os.path.join(workdir, "tokenizer.model"))
+    shutil.copyfile(os.path.join(hf_dir, "tokenizer.model"), config.data.tokenizer_path)
   model = train.build_model(config)
   state = train.init_state(config, model, train.make_optimizer(config))
   state = state.replace(params=params, opt_state=train.make_optimizer(config).init(params))
@@ -285,8 +292,10 @@ def main(argv=None) -> int:
       export_hf(params, model_config, args.out, args.max_shard_bytes, tokenizer)
       print(f"wrote {args.out}")
     else:
-      model = import_hf(args.hf, args.workdir).model
-      flags = " ".join(f"--config.model.{k}={model[k]}" for k in sorted(model.keys()))
+      config = import_hf(args.hf, args.workdir)
+      flags = " ".join(f"--config.model.{k}={config.model[k]}" for k in sorted(config.model))
+      if config.data.tokenizer_path:
+        flags += f" --config.data.tokenizer_path={config.data.tokenizer_path}"
       print(f"wrote step 0 of {args.workdir}; train it with: mixtral-train "
             f"--workdir={args.workdir} {flags}")
   except (checkpoint.CheckpointError, ConversionError, FileExistsError) as e:

@@ -195,3 +195,40 @@ def test_bad_hf_directories_give_one_line_errors(tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and message in error, error
     assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
+
+
+def test_training_resumes_from_an_imported_hf_model(tmp_path):
+  # Our export (with its tokenizer) stands in for a released HF model of the same vocabulary.
+  config = tiny_config(tmp_path, num_train_steps=8)
+  train.train_and_evaluate(config, str(tmp_path / "pretrain"))
+  assert convert.main(["to-hf", "--workdir", str(tmp_path / "pretrain"),
+                       "--out", str(tmp_path / "hf")]) == 0
+  imported = convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "finetune"))
+  assert imported.data.tokenizer_path == str(tmp_path / "finetune" / "tokenizer.model")
+
+  config.model = imported.model
+  config.data.tokenizer_path = imported.data.tokenizer_path
+  config.num_train_steps = 4
+  summary = train.train_and_evaluate(config, str(tmp_path / "finetune"))
+  records = [json.loads(line) for line in open(tmp_path / "finetune" / "metrics.jsonl")]
+  assert records[0]["step"] == 1 and records[-1]["step"] == 4
+  pretrained = [json.loads(line) for line in open(tmp_path / "pretrain" / "metrics.jsonl")]
+  # Step 1 of the fine-tune starts from the pretrained weights, not from a fresh init.
+  assert records[0]["ce_loss"] < pretrained[0]["ce_loss"]
+  assert np.isfinite(summary["final_loss"])
+
+
+def test_failed_export_leaves_nothing_at_out(tmp_path, monkeypatch):
+  config, _, params = tiny_trained_params(tmp_path)
+
+  real_tensors = convert.hf_tensors
+
+  def failing_tensors(params, model_config):
+    yield from list(real_tensors(params, model_config))[:5]
+    raise OSError("disk full")
+
+  monkeypatch.setattr(convert, "hf_tensors", failing_tensors)
+  with pytest.raises(OSError, match="disk full"):
+    convert.export_hf(params, config.model, str(tmp_path / "out"), max_shard_bytes=1000)
+  assert not (tmp_path / "out").exists()
+  assert [p for p in os.listdir(tmp_path) if p.startswith(".tmp-export-")] == []
