@@ -17,6 +17,8 @@ import sys
 import tempfile
 from typing import Any, Iterator, Optional
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from safetensors import safe_open
@@ -248,9 +250,8 @@ def import_hf(hf_dir: str, workdir: str) -> ml_collections.ConfigDict:
   if os.path.exists(os.path.join(hf_dir, "tokenizer.model")):
     config.data.tokenizer_path = os.path.abspath(os.path.join(workdir, "tokenizer.model"))
     shutil.copyfile(os.path.join(hf_dir, "tokenizer.model"), config.data.tokenizer_path)
-  model = train.build_model(config)
-  state = train.init_state(config, model, train.make_optimizer(config))
-  state = state.replace(params=params, opt_state=train.make_optimizer(config).init(params))
+  state = train.state_from_params(config, jax.tree.map(jnp.asarray, params),
+                                  train.make_optimizer(config))
   checkpointer.maybe_save(0, state, {"config": json.loads(config.to_json_best_effort()),
                                      "data_position": 0}, force=True)
   checkpointer.close()

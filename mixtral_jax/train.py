@@ -49,15 +49,21 @@ def build_model(config: ml_collections.ConfigDict, mesh: Optional[Mesh] = None) 
   return Mixtral(ml_collections.FrozenConfigDict(config.model), mesh)
 
 
+def state_from_params(config, params, optimizer: optax.GradientTransformation) -> TrainState:
+  """Step-0 state around `params`: fresh optimizer state and the run's training RNG."""
+  _, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), train_rng)
+
+
 def init_state(config, model: Mixtral, optimizer: optax.GradientTransformation,
                mesh: Optional[Mesh] = None) -> TrainState:
   """Fresh parameters and optimizer state from `config.seed`, created already sharded."""
-  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))
   tokens = jnp.zeros((1, min(config.seq_len, 8)), jnp.int32)
 
   def init():
-    params = model.init(init_rng, tokens)["params"]  # boxed with logical axis names
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), train_rng)
+    # Parameters boxed with logical axis names, so the optimizer state inherits them.
+    return state_from_params(config, model.init(init_rng, tokens)["params"], optimizer)
 
   shardings = None if mesh is None else sharding.tree_shardings(jax.eval_shape(init), mesh)
   return jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
