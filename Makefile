@@ -26,6 +26,7 @@ bench: install
 	$(PY) benchmarks/moe_layer.py
 	$(PY) benchmarks/expert_parallel.py
 	$(PY) benchmarks/checkpoint.py
+	$(PY) benchmarks/input_pipeline.py
 
 clean:
 	rm -rf $(VENV) workdir

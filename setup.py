@@ -8,7 +8,7 @@ setup(
     description="Pretrain Mixtral-style sparse Mixture-of-Experts language models in JAX/Flax.",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["mixtral_jax", "mixtral_jax.*"]),
+    packages=find_packages(include=["mixtral_jax", "mixtral_jax.*", "configs"]),
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2",
@@ -30,6 +30,7 @@ setup(
     },
     entry_points={
         "console_scripts": ["mixtral-train=mixtral_jax.train:run",
-                            "mixtral-convert=mixtral_jax.convert:main"],
+                            "mixtral-convert=mixtral_jax.convert:main",
+                            "mixtral-tokenizer=mixtral_jax.tokenizer:main"],
     },
 )

@@ -104,15 +104,25 @@ def get_config() -> ml_collections.ConfigDict:
   mesh.tensor = 1
 
   config.data = data = ml_collections.ConfigDict()
-  # Corpus: "stdlib" = the running Python's standard-library sources (present on every machine).
+  # Corpus: "stdlib" (this Python's standard-library sources, on every machine), "files" (local
+  # text/JSONL files) or "tfds" (a TFDS dataset prepared as array_record in data_dir).
   data.source = "stdlib"
-  # Directory for the built dataset, tokenizer and token caches.
+  # For source="files": comma-separated globs ("**" recurses); *.jsonl gives a document per line.
+  data.files = ""
+  # Field holding the text in JSONL lines and TFDS examples.
+  data.text_key = "text"
+  # For source="tfds": the dataset name, e.g. "lm1b", "c4/en", "tiny_shakespeare".
+  data.tfds_name = ""
+  # For source="tfds": the split to train on.
+  data.train_split = "train"
+  # For source="tfds": the held-out split ("" = "validation", else "test").
+  data.eval_split = ""
+  # Fraction of documents held out for evaluation (stdlib and files; chosen by name hash).
+  data.eval_fraction = 0.02
+  # Directory of built datasets, tokenizers and statistics; share it between runs and machines.
   data.data_dir = "~/.cache/mixtral_jax"
-  # Root of the .py files for source="stdlib" ("" = this interpreter's stdlib).
-  data.files_root = ""
   # Existing SentencePiece .model to use ("" = train one on the training split and cache it).
   data.tokenizer_path = ""
-  # Fraction of files held out for evaluation.
-  data.eval_fraction = 0.02
-
+  # Document streams packed in parallel per process; each batch draws its rows from random ones.
+  data.num_streams = 64
   return config

@@ -1,14 +1,16 @@
 """Orbax checkpoints in WORKDIR/checkpoints/<step>/: async saves, the last K kept, safe resume.
 
-A checkpoint holds the train state (params, optimizer state, step, RNG) under `state`, and under
-`meta` the config it was trained with and the data position (index of the next batch). Orbax
-writes a save into a temporary directory and renames it only when complete, so a crash mid-save
-leaves no `<step>` directory, only a temporary one that is ignored and cleaned up on restart.
+A checkpoint holds three Orbax items: `params`, `train` (step, optimizer state, RNG) and `meta`
+(the config it was trained with and the data position, i.e. the index of the next batch). The
+parameters are an item of their own so that export reads them alone, without the AdamW moments
+(twice their size); a checkpoint imported from HF holds no `train` item and resumes with a fresh
+optimizer state. Orbax writes a save into a temporary directory and renames it only when
+complete, so a crash mid-save leaves no `<step>` directory, only a temporary one that is ignored
+and cleaned up on restart.
 
     python -m mixtral_jax.checkpoint info WORKDIR
 """
 
-import json
 import os
 import sys
 from typing import Any, Optional
@@ -35,17 +37,33 @@ def _dir_bytes(path: str) -> int:
              for root, _, names in os.walk(path) for name in names)
 
 
-class Checkpointer:
-  """Saves the train state every `every_steps` and at the end; restores the latest one."""
+def _train_item(state) -> dict[str, Any]:
+  return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
 
-  def __init__(self, workdir: str, every_steps: int = 0, keep: int = 1, read_only: bool = False):
+
+def _restore_args(tree) -> ocp.args.StandardRestore:
+  return ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, tree))
+
+
+class Checkpointer:
+  """Saves the train state every `every_steps` and at the end; restores the latest one.
+
+  `save_bytes_in_flight` caps what a save encodes and writes at once (it must exceed the largest
+  tensor). Orbax's default, 96 GB, lets one host saving a large model hold nearly a second copy
+  of it in write buffers.
+  """
+
+  def __init__(self, workdir: str, every_steps: int = 0, keep: int = 1, read_only: bool = False,
+               save_bytes_in_flight: Optional[int] = None):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.every_steps = every_steps
     if read_only and not os.path.isdir(self.directory):
       raise CheckpointError(f"{self.directory}: no checkpoints directory")
+    limit = {"save_concurrent_gb": save_bytes_in_flight / 1e9} if save_bytes_in_flight else {}
     self._manager = ocp.CheckpointManager(
         self.directory,
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
+        item_handlers={"params": ocp.StandardCheckpointHandler(**limit),
+                       "train": ocp.StandardCheckpointHandler(**limit),
                        "meta": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=True, cleanup_tmp_directories=True,
@@ -71,36 +89,71 @@ class Checkpointer:
       raise CheckpointError(f"{self._step_dir(step)} is not a readable mixtral_jax checkpoint "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
-  def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:
-    """(state, meta) saved at `step` (default: latest), shaped and sharded like `abstract_state`.
+  def _has_train_state(self, step: int) -> bool:
+    return self._manager.item_metadata(step).get("train") is not None
 
-    Raises CheckpointError naming the first parameter whose saved shape differs.
-    """
-    step = self.latest_step() if step is None else step
-    meta = self.meta(step)
+  def _check_shapes(self, step: int, meta: dict, targets: dict[str, Any]) -> None:
+    """Raises CheckpointError naming the first tensor of `targets` whose saved shape differs."""
     try:
-      saved = _shapes(self._manager.item_metadata(step)["state"])
+      metadata = self._manager.item_metadata(step)
+      saved = _shapes({item: metadata[item] for item in targets})
     except Exception as e:
-      raise CheckpointError(f"{self._step_dir(step)} holds no readable train state "
+      raise CheckpointError(f"{self._step_dir(step)} holds no readable {' and '.join(targets)} "
                             f"({type(e).__name__})") from None
-    expected = _shapes(abstract_state)
-    for name, shape in expected.items():
+    for name, shape in _shapes(targets).items():
       if saved.get(name) != shape:
         raise CheckpointError(
             f"{self._step_dir(step)} does not match this model: {name} is "
             f"{saved.get(name, 'missing')} there, {shape} here "
             f"(checkpoint model config: {_model_summary(meta.get('config', {}))})")
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    state = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))["state"]
-    return state, meta
+
+  def restore(self, template_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:
+    """(state, meta) saved at `step` (default: latest), shaped and sharded like `template_state`.
+
+    A checkpoint without train state (an HF import) replaces only the template's params: its
+    step, optimizer state and RNG, if freshly initialised, are what training starts from.
+    Raises CheckpointError naming the first tensor whose saved shape differs.
+    """
+    step = self.latest_step() if step is None else step
+    meta = self.meta(step)
+    targets = {"params": template_state.params}
+    if self._has_train_state(step):
+      targets["train"] = _train_item(template_state)
+    elif any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(template_state)):
+      raise CheckpointError(f"{self._step_dir(step)} holds parameters only: restore it into a "
+                            f"freshly initialised state, not an abstract one")
+    self._check_shapes(step, meta, targets)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        **{item: _restore_args(target) for item, target in targets.items()}))
+    return template_state.replace(params=restored["params"], **restored.get("train", {})), meta
+
+  def restore_params(self, abstract_params: Any, step: Optional[int] = None) -> Any:
+    """The params of `step` (default: latest), shaped and sharded like `abstract_params`.
+
+    Reads the `params` item alone, never the optimizer state. Raises CheckpointError naming the
+    first parameter whose saved shape differs.
+    """
+    step = self.latest_step() if step is None else step
+    self._check_shapes(step, self.meta(step), {"params": abstract_params})
+    return self._manager.restore(step, args=ocp.args.Composite(
+        params=_restore_args(abstract_params)))["params"]
 
   def maybe_save(self, step: int, state: Any, meta: dict[str, Any], force: bool = False) -> bool:
     """Starts an async save at the interval, or when `force`d; returns whether it saved."""
     if not (force or (self.every_steps and step % self.every_steps == 0)):
       return False
     return self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+        params=ocp.args.StandardSave(state.params),
+        train=ocp.args.StandardSave(_train_item(state)), meta=ocp.args.JsonSave(meta)),
+        force=force)
+
+  def save_params(self, step: int, params: Any, meta: dict[str, Any]) -> None:
+    """Starts an async save of `params` and `meta` alone (no train state) as checkpoint `step`.
+
+    Pass jax arrays: Orbax copies numpy arrays whole before writing them.
+    """
+    self._manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)), force=True)
 
   def wait(self) -> None:
     """Blocks until in-flight saves are complete."""

@@ -9,6 +9,7 @@ DISPATCH_MODES = ("dropless", "capacity")
 GROUPED_MATMULS = ("auto", "blocked", "ragged_dot")
 DTYPES = ("float32", "bfloat16")
 ALL_TO_ALLS = ("padded", "ragged")
+DATA_SOURCES = ("stdlib", "files", "tfds")
 # The mesh's axes, in order (mixtral_jax.sharding builds it; this module only checks sizes).
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -55,6 +56,20 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
            f"must be in [0, 1), got {model.router_jitter_noise}")
   for name in ("router_aux_loss_coef", "router_z_loss_coef"):
     _require(model[name] >= 0, f"model.{name}", f"must be >= 0, got {model[name]}")
+
+
+def validate_data(data: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for the first invalid field of `config.data`."""
+  _require(data.source in DATA_SOURCES, "data.source",
+           f"unknown source {data.source!r}; expected one of {list(DATA_SOURCES)}")
+  _require(data.source != "files" or bool(data.files.strip()), "data.files",
+           "source='files' needs a glob, e.g. '~/corpus/**/*.txt'")
+  _require(data.source != "tfds" or bool(data.tfds_name), "data.tfds_name",
+           "source='tfds' needs a dataset name, e.g. 'lm1b'")
+  _require(0 <= data.eval_fraction < 1, "data.eval_fraction",
+           f"must be in [0, 1), got {data.eval_fraction}")
+  _require(isinstance(data.num_streams, int) and data.num_streams > 0, "data.num_streams",
+           f"must be a positive integer, got {data.num_streams!r}")
 
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
@@ -118,6 +133,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
            f"must be in [0, 1], got {config.min_learning_rate_ratio}")
   _require(config.grad_clip_norm >= 0, "grad_clip_norm", f"must be >= 0, got {config.grad_clip_norm}")
   validate_model(config.model)
+  validate_data(config.data)
   if num_devices is not None:
     validate_mesh(config, num_devices)
   _require(not (backend == "cpu" and config.model.all_to_all == "ragged"), "model.all_to_all",

@@ -6,7 +6,8 @@
 Keys follow `save_pretrained`'s per-expert layout, which transformers 4.x and 5.x both load:
 `model.layers.N.block_sparse_moe.experts.M.{w1,w2,w3}.weight`, PyTorch Linear weights [out, in].
 The output is written to a temporary directory beside `--out` and renamed into place, so a
-failed export never leaves a half-written directory.
+failed export never leaves a half-written directory. Either direction holds about one copy of
+the parameters: tensors are converted one at a time and shards written as they fill.
 """
 
 import argparse
@@ -18,7 +19,6 @@ import tempfile
 from typing import Any, Iterator, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from safetensors import safe_open
@@ -69,35 +69,48 @@ def hf_tensors(params, model_config) -> Iterator[tuple[str, np.ndarray]]:
     yield f"{prefix}.self_attn.o_proj.weight", o.reshape(-1, o.shape[-1]).T
     moe = layer["moe"]
     yield f"{prefix}.block_sparse_moe.gate.weight", f32(moe["router"]["kernel"]).T
-    gate_up, down = moe["experts"]["gate_up"], moe["experts"]["down"]  # [E, D, 2, I], [E, I, D]
+    # Sliced in numpy: jax would compile and run an op per expert.
+    gate_up = f32(moe["experts"]["gate_up"])  # [E, D, 2, I]
+    down = f32(moe["experts"]["down"])  # [E, I, D]
     for e in range(m.num_experts):
       expert = f"{prefix}.block_sparse_moe.experts.{e}"
-      gu = f32(gate_up[e])
-      yield f"{expert}.w1.weight", gu[:, 0, :].T
-      yield f"{expert}.w3.weight", gu[:, 1, :].T
-      yield f"{expert}.w2.weight", f32(down[e]).T
+      yield f"{expert}.w1.weight", gate_up[e, :, 0, :].T
+      yield f"{expert}.w3.weight", gate_up[e, :, 1, :].T
+      yield f"{expert}.w2.weight", down[e].T
+
+
+def _shards(tensors: Iterator[tuple[str, np.ndarray]],
+            max_shard_bytes: int) -> Iterator[dict[str, np.ndarray]]:
+  """Groups tensors, in order, into shards of at most `max_shard_bytes` (or a single tensor)."""
+  shard, size = {}, 0
+  for key, array in tensors:
+    if shard and size + array.nbytes > max_shard_bytes:
+      yield shard
+      shard, size = {}, 0
+    shard[key] = np.ascontiguousarray(array)
+    size += array.nbytes
+  yield shard
 
 
 def _write_shards(tensors: Iterator[tuple[str, np.ndarray]], out_dir: str,
                   max_shard_bytes: int) -> None:
-  shards: list[dict[str, np.ndarray]] = [{}]
-  sizes = [0]
-  for key, array in tensors:
-    if sizes[-1] and sizes[-1] + array.nbytes > max_shard_bytes:
-      shards.append({})
-      sizes.append(0)
-    shards[-1][key] = np.ascontiguousarray(array)
-    sizes[-1] += array.nbytes
-  if len(shards) == 1:
-    save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+  """Writes each shard as soon as it is full: memory holds one shard, not a copy of the model."""
+  files, shard_of, total = [], {}, 0
+  for shard in _shards(tensors, max_shard_bytes):
+    files.append(os.path.join(out_dir, f"shard-{len(files)}"))  # named once the count is known
+    save_file(shard, files[-1], metadata={"format": "pt"})
+    shard_of.update({key: len(files) - 1 for key in shard})
+    total += sum(array.nbytes for array in shard.values())
+    del shard
+  if len(files) == 1:
+    os.replace(files[0], os.path.join(out_dir, "model.safetensors"))
     return
-  weight_map = {}
-  for n, shard in enumerate(shards, 1):
-    name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-    save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
-    weight_map.update({key: name for key in shard})
+  names = [f"model-{n:05d}-of-{len(files):05d}.safetensors" for n in range(1, len(files) + 1)]
+  for file, name in zip(files, names):
+    os.replace(file, os.path.join(out_dir, name))
+  weight_map = {key: names[n] for key, n in shard_of.items()}
   with open(os.path.join(out_dir, _SAFETENSORS_INDEX), "w") as f:
-    json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=2)
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
 # Loads our SentencePiece model through transformers' Llama tokenizer: no added BOS/EOS and no
@@ -169,22 +182,26 @@ class _SafetensorsReader:
       weight_map = None
     else:
       raise ConversionError(f"{hf_dir}: no model.safetensors or {_SAFETENSORS_INDEX}")
-    self._dir, self._weight_map, self._files = hf_dir, weight_map, {}
+    self._dir, self._weight_map = hf_dir, weight_map
     for name in set(weight_map.values()) if weight_map else ["model.safetensors"]:
       if not os.path.exists(os.path.join(hf_dir, name)):
         raise ConversionError(f"{hf_dir}: shard {name} named in {_SAFETENSORS_INDEX} is missing")
-    self.keys = set(weight_map) if weight_map else set(self._file("model.safetensors").keys())
+    if weight_map:
+      self.keys = set(weight_map)
+    else:
+      with self._file("model.safetensors") as f:
+        self.keys = set(f.keys())
 
   def _file(self, name: str):
-    if name not in self._files:
-      self._files[name] = safe_open(os.path.join(self._dir, name), framework="numpy")
-    return self._files[name]
+    # A handle maps its whole file, and the pages it has read count in this process's memory
+    # until it closes: one handle per tensor keeps that to one tensor, not the whole model.
+    return safe_open(os.path.join(self._dir, name), framework="numpy")
 
   def __call__(self, key: str, shape: tuple) -> np.ndarray:
     if key not in self.keys:
       raise ConversionError(f"{self._dir}: tensor {key} is missing")
-    array = self._file(self._weight_map[key] if self._weight_map else "model.safetensors"
-                       ).get_tensor(key)
+    with self._file(self._weight_map[key] if self._weight_map else "model.safetensors") as f:
+      array = f.get_tensor(key)
     if array.shape != tuple(shape):
       raise ConversionError(f"{self._dir}: tensor {key} has shape {tuple(array.shape)}, "
                             f"expected {tuple(shape)} from config.json")
@@ -192,7 +209,7 @@ class _SafetensorsReader:
 
 
 def params_from_hf(read, model_config) -> dict:
-  """Our params from `read(key, expected_shape)`; accepts per-expert and fused (v5) experts."""
+  """Our params (float32, host CPU) from `read(key, shape)`; per-expert or fused (v5) experts."""
   m = model_config
   d, v, i, e = m.hidden_size, m.vocab_size, m.intermediate_size, m.num_experts
   h, kv, hd = m.num_heads, m.num_kv_heads, m.head_dim
@@ -224,51 +241,69 @@ def params_from_hf(read, model_config) -> dict:
         "post_attention_norm": {"scale": read(f"{p}.post_attention_layernorm.weight", (d,))},
         "attention": attention,
         "moe": {"router": {"kernel": router.T}, "experts": {"gate_up": gate_up, "down": down}}}
-  return _float32_tree(params)
+  return _float32_on_host(params)
 
 
-def _float32_tree(params) -> dict:
-  """Contiguous float32 copies: checkpoints hold float32 parameters."""
-  if isinstance(params, dict):
-    return {k: _float32_tree(v) for k, v in params.items()}
-  return np.ascontiguousarray(params, dtype=np.float32)
+def _float32_on_host(tree: dict) -> dict:
+  """Float32 jax arrays on the host CPU (checkpoints hold float32), converted in place.
+
+  jax arrays, as Orbax copies numpy ones whole before writing them; in place, so that each
+  tensor's original is dropped as soon as its copy exists and the tree is never held twice.
+  """
+  cpu = jax.devices("cpu")[0]
+  for key, value in tree.items():
+    tree[key] = (_float32_on_host(value) if isinstance(value, dict)
+                 else jax.device_put(np.asarray(value, np.float32), cpu))
+  return tree
+
+
+def _abstract_params(config) -> Any:
+  """Shapes of `config`'s float32 params, placed on the host CPU (no init is run)."""
+  model = train.build_model(config)
+  state = jax.eval_shape(lambda: train.init_state(config, model, train.make_optimizer(config)))
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
+                      state.params)
 
 
 def import_hf(hf_dir: str, workdir: str) -> ml_collections.ConfigDict:
   """Writes an HF Mixtral as step-0 checkpoint of `workdir`; returns the training config.
 
-  Its SentencePiece `tokenizer.model`, if any, becomes WORKDIR/tokenizer.model and the
-  config's `data.tokenizer_path`, so fine-tuning tokenizes as the model was trained.
+  The checkpoint holds parameters only (training starts with a fresh optimizer state), read and
+  written a tensor at a time: memory peaks near one float32 copy of the model. Its SentencePiece
+  `tokenizer.model`, if any, becomes WORKDIR/tokenizer.model and the config's
+  `data.tokenizer_path`, so fine-tuning tokenizes as the model was trained.
   """
   config = default.get_config()
   config.model = model_config_from_hf(hf_dir)
   reader = _SafetensorsReader(hf_dir)
-  params = params_from_hf(reader, config.model)
-  checkpointer = checkpoint.Checkpointer(workdir, keep=1)
+  largest = max(x.size * x.dtype.itemsize for x in jax.tree.leaves(_abstract_params(config)))
+  checkpointer = checkpoint.Checkpointer(workdir, keep=1, save_bytes_in_flight=2 * largest)
   if checkpointer.latest_step() is not None:
     raise ConversionError(f"{checkpointer.directory} already holds checkpoints; use a new workdir")
+  params = params_from_hf(reader, config.model)
   if os.path.exists(os.path.join(hf_dir, "tokenizer.model")):
     config.data.tokenizer_path = os.path.abspath(os.path.join(workdir, "tokenizer.model"))
     shutil.copyfile(os.path.join(hf_dir, "tokenizer.model"), config.data.tokenizer_path)
-  state = train.state_from_params(config, jax.tree.map(jnp.asarray, params),
-                                  train.make_optimizer(config))
-  checkpointer.maybe_save(0, state, {"config": json.loads(config.to_json_best_effort()),
-                                     "data_position": 0}, force=True)
+  checkpointer.save_params(0, params, {"config": json.loads(config.to_json_best_effort()),
+                                       "data_position": 0})
   checkpointer.close()
   return config
 
 
 def restore_params(workdir: str, step=None):
-  """(params, config.model) of checkpoint `step` (default: latest) in `workdir`, on one device."""
+  """(params, config.model) of checkpoint `step` (default: latest) in `workdir`, on the host CPU.
+
+  Reads the parameters alone: no optimizer state, no init of a model to restore into.
+  """
   checkpointer = checkpoint.Checkpointer(workdir, read_only=True)
   step = checkpointer.latest_step() if step is None else step
   if step is None:
     raise checkpoint.CheckpointError(f"{checkpointer.directory}: no complete checkpoint")
   config = ml_collections.ConfigDict(checkpointer.meta(step)["config"])
-  model = train.build_model(config)
-  template = train.init_state(config, model, train.make_optimizer(config))
-  state, _ = checkpointer.restore(template, step)
-  return state.params, config.model
+  params = checkpointer.restore_params(_abstract_params(config), step)
+  checkpointer.close()
+  return params, config.model
 
 
 def main(argv=None) -> int:

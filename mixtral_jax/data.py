@@ -1,31 +1,34 @@
-"""Language-model data: Python sources → TFDS → SentencePiece tokens → packed batches.
+"""Language-model batches: corpus → SentencePiece tokens → packed rows → per-process batches.
 
-Everything expensive (dataset, tokenizer, token streams) is cached under `config.data.data_dir`,
-so only the first run pays for it.
+Documents are tokenized as they are read, so a corpus of any size streams. Each process reads
+only its shard of the documents (every `process_count`-th one) and produces its share of each
+global batch. Training rows come from `num_streams` streams per process, each packing its own
+slice of the shuffled documents; every step draws its rows from a random subset of them, so a
+batch mixes many documents and a long document's rows are spread over many steps. The iterator
+state (each stream's cursor) is a few integers that go into the checkpoint: after a resume the
+next batch is the one the uninterrupted run would have drawn.
 """
 
 import contextlib
-import hashlib
+import functools
+import json
 import os
-import pathlib
-import sys
-import sysconfig
-import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any, Optional
 
 import ml_collections
 import numpy as np
 import sentencepiece as spm
-import tensorflow_datasets as tfds
 from absl import logging
 
+from mixtral_jax import packing
+from mixtral_jax import sources
 from mixtral_jax import tokenizer as tokenizer_lib
 
-SOURCES = ("stdlib",)
-_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages"})
-
 Batch = dict[str, np.ndarray]
+# Documents sampled (in a fixed order) for the printed unigram-entropy baseline.
+_ENTROPY_SAMPLE_CHARS = 8_000_000
 
 
 @contextlib.contextmanager
@@ -36,155 +39,140 @@ def _timed(what: str) -> Iterator[None]:
   logging.info("%s took %.2f s.", what, time.perf_counter() - start)
 
 
-def _sha1(data: str | bytes) -> str:
-  return hashlib.sha1(data.encode() if isinstance(data, str) else data).hexdigest()
+_MASK64, _GOLDEN = (1 << 64) - 1, 0x9E3779B97F4A7C15
 
 
-def read_source_files(files_root: str) -> tuple[dict[str, str], int]:
-  """Returns ({relative path: text} in sorted path order, number of non-UTF-8 files skipped)."""
-  root = pathlib.Path(files_root)
-  texts, num_skipped = {}, 0
-  for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
-    relative_path = path.relative_to(root)
-    if _EXCLUDED_DIRS.intersection(relative_path.parts) or not path.is_file():
-      continue
-    try:
-      texts[relative_path.as_posix()] = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-      num_skipped += 1
-  if not texts:
-    raise ValueError(f"No UTF-8 *.py files found under {files_root}")
-  return texts, num_skipped
+def _mix(x: int) -> int:
+  """splitmix64's finaliser: a cheap, well-spread 64-bit hash."""
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+  return x ^ (x >> 31)
 
 
-def is_eval_file(relative_path: str, eval_fraction: float) -> bool:
-  """Holds out ~eval_fraction of files, chosen by path hash so the split never changes."""
-  bucket = int(_sha1(relative_path)[:16], 16) / 16**16  # uniform in [0, 1)
-  return bucket < eval_fraction
+def permute(index: int, n: int, key: tuple[int, ...]) -> int:
+  """Position `index` of a keyed random permutation of range(n), in O(1) time and memory.
+
+  A 4-round Feistel network is a bijection on 2^(2h) ≥ n values; stepping again while the result
+  is ≥ n (cycle walking) restricts it to range(n). Unlike a stored permutation this scales to
+  corpora of billions of documents.
+  """
+  half = max(1, ((n - 1).bit_length() + 1) // 2)
+  mask = (1 << half) - 1
+  seed = 0
+  for value in key:
+    seed = _mix(seed ^ _mix((value + _GOLDEN) & _MASK64))
+  round_keys = [_mix(seed + r) for r in range(4)]
+  x = index
+  while True:
+    left, right = x >> half, x & mask
+    for round_key in round_keys:
+      left, right = right, left ^ (_mix(right ^ round_key) & mask)
+    x = (left << half) | right
+    if x < n:
+      return x
 
 
-class PythonSourceFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """One example {"text", "path"} per `.py` file under `files_root`; splits train/eval."""
-
-  VERSION = tfds.core.Version("1.0.0")
-  # Nothing is downloaded, so there is no checksums file to find next to this code; looking for
-  # one trips tensorflow/datasets#11212 (an undeclared `importlib_resources` import).
-  code_path = None
-
-  def __init__(self, *, files_root: str, eval_fraction: float, data_dir: str):
-    self._files_root = files_root
-    self._eval_fraction = eval_fraction
-    # Distinct corpora (and interpreters, whose stdlibs differ) must not share a cache dir.
-    self.corpus_id = _sha1(f"{files_root}|{sys.version}|{eval_fraction}")[:12]
-    super().__init__(data_dir=os.path.join(data_dir, f"corpus_{self.corpus_id}"),
-                     file_format="array_record")
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=f"Python sources under {self._files_root}",
-        features=tfds.features.FeaturesDict({"text": tfds.features.Text(),
-                                             "path": tfds.features.Text()}),
-        metadata=tfds.core.MetadataDict(),  # persists num_skipped_files next to the data
-    )
-
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    texts, num_skipped = read_source_files(self._files_root)
-    if num_skipped:
-      logging.warning("Skipped %d non-UTF-8 files under %s.", num_skipped, self._files_root)
-    self.info.metadata["num_skipped_files"] = num_skipped
-    num_bytes = sum(len(text.encode("utf-8")) for text in texts.values())
-    logging.info("Dataset: %d files (%.1f MB) under %s.", len(texts), num_bytes / 1e6,
-                 self._files_root)
-    split_paths = {"train": [], "eval": []}
-    for path in texts:
-      split_paths["eval" if is_eval_file(path, self._eval_fraction) else "train"].append(path)
-    for split, paths in split_paths.items():
-      if not paths:  # TFDS cannot write an empty split
-        raise ValueError(f"config.data.eval_fraction={self._eval_fraction} leaves the {split} "
-                         f"split of the {len(texts)} files under {self._files_root} empty")
-    return {split: self._generate_examples(texts, paths) for split, paths in split_paths.items()}
-
-  def _generate_examples(self, texts: dict[str, str], paths: list[str]):
-    for path in paths:
-      yield path, {"text": texts[path], "path": path}
+def shard_indices(num_docs: int, process_index: int, process_count: int) -> range:
+  """The documents process `process_index` reads: disjoint per process, all of them together."""
+  return range(process_index, num_docs, process_count)
 
 
-def build_dataset(data_config: ml_collections.ConfigDict) -> PythonSourceFiles:
-  """Returns the prepared source-file dataset for `config.data`, building it on first use."""
-  if data_config.source not in SOURCES:
-    raise ValueError(f"config.data.source: unknown source {data_config.source!r}; "
-                     f"expected one of {list(SOURCES)}")
-  files_root = data_config.files_root or sysconfig.get_paths()["stdlib"]
-  builder = PythonSourceFiles(files_root=os.path.abspath(os.path.expanduser(files_root)),
-                              eval_fraction=data_config.eval_fraction,
-                              data_dir=os.path.expanduser(data_config.data_dir))
-  if not builder.is_prepared():
-    tfds.disable_progress_bar()  # tqdm bars would flood the training logs
-    with _timed("Building dataset"):
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  return builder
+class TrainIterator:
+  """This process's training batches, deterministic in (seed, documents) and resumable.
+
+  Stream s packs documents j = s, s + S, s + 2S, … of an endless sequence in which every
+  `len(documents)` entries are a fresh seeded permutation (one epoch). Step n's rows come from
+  `batch_size` distinct streams drawn with a generator seeded by (seed, n).
+  """
+
+  def __init__(self, documents, tokenize, *, seq_len: int, batch_size: int, num_streams: int,
+               seed: int, bos: int, eos: int, state: Optional[dict[str, Any]] = None):
+    if not len(documents):
+      raise sources.DataError("this process's shard of the train split holds no documents")
+    self._documents, self._tokenize, self._seed = documents, tokenize, seed
+    self._batch_size = batch_size
+    self._num_streams = max(num_streams, batch_size)
+    state = state or {"step": 0, "cursors": [[0, 0]] * self._num_streams}
+    if len(state["cursors"]) != self._num_streams:
+      raise sources.DataError(f"the saved data state has {len(state['cursors'])} streams, this "
+                              f"run {self._num_streams}: keep config.data.num_streams to resume")
+    self.step = state["step"]
+    self._streams = [
+        packing.Stream(functools.partial(self._document, s), seq_len, bos, eos,
+                       packing.Cursor(*cursor))
+        for s, cursor in enumerate(state["cursors"])]
+
+  def _document(self, stream: int, k: int) -> np.ndarray:
+    epoch, index = divmod(stream + k * self._num_streams, len(self._documents))
+    return self._tokenize(self._documents[permute(index, len(self._documents),
+                                                  (self._seed, epoch))])
+
+  def get_state(self) -> dict[str, Any]:
+    """JSON-serialisable position: the next step and each stream's cursor."""
+    return {"step": self.step,
+            "cursors": [[s.cursor.doc, s.cursor.offset] for s in self._streams]}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Batch:
+    rng = np.random.default_rng([self._seed, self.step, 1])
+    chosen = rng.choice(self._num_streams, self._batch_size, replace=False)
+    self.step += 1
+    return packing.stack_rows([self._streams[s].next_row() for s in chosen])
 
 
-def split_texts(builder: PythonSourceFiles, split: str) -> list[str]:
-  """All documents of `split`, in the dataset's fixed order."""
-  # Data sources return Text features as UTF-8 bytes.
-  return [example["text"].decode("utf-8") for example in builder.as_data_source(split=split)]
+class _Shard:
+  """Documents `indices` of a split, as a sequence."""
+
+  def __init__(self, texts: sources.Texts, indices: range):
+    self._texts, self.indices = texts, indices
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, k: int) -> str:
+    return self._texts[self.indices[k]]
 
 
-def _dataset_id(builder: PythonSourceFiles) -> str:
-  return f"{builder.name}-{builder.corpus_id}-{builder.version}"
+class LMData:
+  """A corpus, its tokenizer, and this process's train and eval batches."""
 
+  def __init__(self, corpus: sources.Corpus, tokenizer: spm.SentencePieceProcessor,
+               unigram_entropy: float, *, seq_len: int, global_batch_size: int, num_streams: int, seed: int,
+               process_index: int = 0, process_count: int = 1):
+    if global_batch_size % process_count or not 0 <= process_index < process_count:
+      raise sources.DataError(f"cannot split global_batch_size={global_batch_size} over "
+                              f"process_count={process_count} for process_index={process_index}")
+    self.corpus, self.tokenizer, self.unigram_entropy = corpus, tokenizer, unigram_entropy
+    self.batch_size = global_batch_size // process_count
+    self._seq_len, self._num_streams, self._seed = seq_len, num_streams, seed
+    self.train_documents = _Shard(corpus.train, shard_indices(len(corpus.train), process_index,
+                                                     process_count))
+    self.eval_documents = _Shard(corpus.eval, shard_indices(len(corpus.eval), process_index,
+                                                   process_count))
 
-def _get_tokenizer(config: ml_collections.ConfigDict,
-                   builder: PythonSourceFiles) -> spm.SentencePieceProcessor:
-  """Loads config.data.tokenizer_path, or trains (once) a tokenizer on the train split."""
-  vocab_size = config.model.vocab_size
-  path = config.data.tokenizer_path
-  if not path:
-    path = os.path.join(os.path.expanduser(config.data.data_dir), "tokenizers",
-                        f"{_dataset_id(builder)}-bpe{vocab_size}.model")
-    if not os.path.exists(path):
-      with _timed(f"Training a {vocab_size}-piece BPE tokenizer"):
-        tokenizer_lib.train_tokenizer(split_texts(builder, "train"), vocab_size, path)
-  tokenizer = tokenizer_lib.load_tokenizer(path)
-  if tokenizer.vocab_size() != vocab_size:
-    raise ValueError(f"Tokenizer {path} has vocab size {tokenizer.vocab_size()} but "
-                     f"config.model.vocab_size is {vocab_size}")
-  if tokenizer.eos_id() < 0:
-    raise ValueError(f"Tokenizer {path} defines no EOS token, needed between documents")
-  return tokenizer
+  def tokenize(self, text: str) -> np.ndarray:
+    return np.asarray(self.tokenizer.encode(text), np.int32)
 
+  def train_iterator(self, state: Optional[dict[str, Any]] = None) -> TrainIterator:
+    """Training batches from the start, or from a `get_state()` saved earlier."""
+    return TrainIterator(self.train_documents, self.tokenize, seq_len=self._seq_len,
+                         batch_size=self.batch_size, num_streams=self._num_streams,
+                         seed=self._seed, bos=self.tokenizer.bos_id(),
+                         eos=self.tokenizer.eos_id(), state=state)
 
-def _save_npy_atomically(path: str, array: np.ndarray) -> None:
-  """Writes via a temp file in the same directory so readers never see a partial file."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npy")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.save(f, array)
-    os.replace(tmp_path, path)
-  except BaseException:
-    os.unlink(tmp_path)
-    raise
+  def eval_batches(self, num_batches: int) -> Iterator[Batch]:
+    """The first `num_batches` eval batches, in the split's order; all-padding once it ends.
 
-
-def _token_stream(builder: PythonSourceFiles, split: str, tokenizer: spm.SentencePieceProcessor,
-                  data_dir: str) -> np.ndarray:
-  """All documents of `split`, each followed by EOS, as one int32 stream (cached as .npy)."""
-  tokenizer_id = _sha1(tokenizer.serialized_model_proto())[:12]
-  path = os.path.join(data_dir, "tokens", f"{_dataset_id(builder)}-tok{tokenizer_id}-{split}.npy")
-  if os.path.exists(path):
-    return np.load(path)
-  with _timed(f"Tokenizing the {split} split"):
-    texts = split_texts(builder, split)
-    eos = tokenizer.eos_id()
-    stream = np.concatenate([np.array(doc + [eos], np.int32) for doc in tokenizer.encode(texts)])
-  logging.info("%s: %d docs, %d tokens, %.2f chars/token.", split, len(texts), len(stream),
-               sum(map(len, texts)) / len(stream))
-  _save_npy_atomically(path, stream)
-  return stream
+    Every process yields the same number of batches, so collective eval steps stay in step.
+    """
+    docs = self.eval_documents
+    stream = packing.Stream(lambda k: self.tokenize(docs[k]) if k < len(docs) else None,
+                            self._seq_len, self.tokenizer.bos_id(), self.tokenizer.eos_id())
+    for _ in range(num_batches):
+      yield packing.stack_rows([stream.next_row() or packing.empty_row(self._seq_len)
+                                for _ in range(self.batch_size)])
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:
@@ -194,87 +182,62 @@ def unigram_entropy(tokens: np.ndarray) -> float:
   return float(-(probs * np.log(probs)).sum())
 
 
-def _pack(tokens: np.ndarray, seq_len: int) -> np.ndarray:
-  """Cuts the stream into non-overlapping rows of seq_len + 1 tokens, dropping the remainder."""
-  num_rows = len(tokens) // (seq_len + 1)
-  return tokens[:num_rows * (seq_len + 1)].reshape(num_rows, seq_len + 1)  # [N, T + 1]
+def _sample_entropy(corpus: sources.Corpus, tokenizer: spm.SentencePieceProcessor) -> float:
+  """Unigram entropy of a fixed sample of train documents (~8M chars)."""
+  order = np.random.default_rng(0).permutation(len(corpus.train))
+  tokens, chars = [], 0
+  for index in order:
+    text = corpus.train[int(index)]
+    tokens.append(np.asarray(tokenizer.encode(text), np.int32))
+    chars += len(text)
+    if chars >= _ENTROPY_SAMPLE_CHARS:
+      break
+  return unigram_entropy(np.concatenate(tokens))
 
 
-def _batch(rows: np.ndarray) -> Batch:
-  """Next-token-prediction batch from packed rows [B, T + 1]."""
-  return {
-      "inputs": rows[:, :-1],  # [B, T]
-      "targets": rows[:, 1:],  # [B, T]
-      "weights": np.ones((rows.shape[0], rows.shape[1] - 1), np.float32),  # [B, T]
-  }
+def _cached_entropy(corpus: sources.Corpus, tokenizer: spm.SentencePieceProcessor,
+                    data_dir: str) -> float:
+  tokenizer_id = tokenizer_lib.model_id(tokenizer)
+  path = os.path.join(data_dir, "stats", f"{corpus.name}-tok{tokenizer_id}.json")
+  if os.path.exists(path):
+    return json.load(open(path))["unigram_entropy"]
+  with _timed("Measuring the unigram entropy"):
+    entropy = _sample_entropy(corpus, tokenizer)
+  tokenizer_lib.write_atomically(path, json.dumps({"unigram_entropy": entropy}).encode())
+  return entropy
 
 
-class LMData:
-  """Packed token rows served as deterministic, resumable per-process batches."""
-
-  def __init__(self, tokenizer: spm.SentencePieceProcessor, train_tokens: np.ndarray,
-               eval_tokens: np.ndarray, *, seq_len: int, global_batch_size: int, seed: int,
-               process_index: int = 0, process_count: int = 1):
-    if global_batch_size % process_count or not 0 <= process_index < process_count:
-      raise ValueError(f"Cannot split global_batch_size={global_batch_size} over "
-                       f"process_count={process_count} for process_index={process_index}")
-    self._train_rows = _pack(train_tokens, seq_len)  # [N_train, T + 1]
-    self._eval_rows = _pack(eval_tokens, seq_len)  # [N_eval, T + 1]
-    if len(self._train_rows) < global_batch_size:
-      raise ValueError(f"The train split has {len(self._train_rows)} rows of seq_len + 1 = "
-                       f"{seq_len + 1} tokens, fewer than global_batch_size={global_batch_size}; "
-                       "use a larger corpus or lower config.seq_len / config.global_batch_size")
-    if len(self._eval_rows) < global_batch_size:
-      raise ValueError(f"The eval split has {len(self._eval_rows)} rows of seq_len + 1 = "
-                       f"{seq_len + 1} tokens, fewer than global_batch_size={global_batch_size}; "
-                       "raise config.data.eval_fraction or lower config.seq_len / "
-                       "config.global_batch_size")
-    self.tokenizer = tokenizer
-    self.num_train_tokens = len(train_tokens)
-    self.num_eval_tokens = len(eval_tokens)
-    self.unigram_entropy = unigram_entropy(train_tokens)
-    self.num_eval_batches = len(self._eval_rows) // global_batch_size
-    self._global_batch_size = global_batch_size
-    self._batch_size = global_batch_size // process_count
-    self._process_offset = process_index * self._batch_size
-    self._seed = seed
-
-  def train_batch(self, step: int) -> Batch:
-    """This process's share of global batch `step`, a pure function of (seed, step).
-
-    Rows are reshuffled every epoch; each epoch's last partial batch is dropped.
-    """
-    num_rows = len(self._train_rows)
-    epoch, batch_in_epoch = divmod(step, num_rows // self._global_batch_size)
-    row_order = np.random.default_rng([self._seed, epoch]).permutation(num_rows)
-    start = batch_in_epoch * self._global_batch_size + self._process_offset
-    return _batch(self._train_rows[row_order[start:start + self._batch_size]])
-
-  def eval_batches(self, num_batches: int) -> Iterator[Batch]:
-    """This process's share of the first `num_batches` eval batches, in a fixed order."""
-    if num_batches > self.num_eval_batches:
-      raise ValueError(f"Requested {num_batches} eval batches but the eval split only has "
-                       f"{self.num_eval_batches} of global_batch_size={self._global_batch_size}")
-    for index in range(num_batches):
-      start = index * self._global_batch_size + self._process_offset
-      yield _batch(self._eval_rows[start:start + self._batch_size])
+def _get_tokenizer(config: ml_collections.ConfigDict,
+                   corpus: sources.Corpus) -> spm.SentencePieceProcessor:
+  """Loads config.data.tokenizer_path, or trains (once) a tokenizer on the train split."""
+  vocab_size = config.model.vocab_size
+  path = config.data.tokenizer_path
+  if not path:
+    path = os.path.join(os.path.expanduser(config.data.data_dir), "tokenizers",
+                        f"{corpus.name}-bpe{vocab_size}.model")
+    if not os.path.exists(path):
+      with _timed(f"Training a {vocab_size}-piece BPE tokenizer"):
+        tokenizer_lib.train_tokenizer(corpus.train, vocab_size, path)
+  tokenizer = tokenizer_lib.load_tokenizer(path)
+  if tokenizer.vocab_size() != vocab_size:
+    raise sources.DataError(f"tokenizer {path} has vocab size {tokenizer.vocab_size()} but "
+                            f"config.model.vocab_size is {vocab_size}")
+  if tokenizer.bos_id() < 0 or tokenizer.eos_id() < 0:
+    raise sources.DataError(f"tokenizer {path} lacks a BOS or EOS token, needed around documents")
+  return tokenizer
 
 
 def make_data(config: ml_collections.ConfigDict, process_index: int = 0,
               process_count: int = 1) -> LMData:
-  """Builds (or loads from cache) the dataset, tokenizer and token streams for `config`."""
+  """Opens (building on first use) the corpus and tokenizer of `config` for one process."""
   with _timed("Preparing data"):
-    builder = build_dataset(config.data)
-    tokenizer = _get_tokenizer(config, builder)
-    data_dir = os.path.expanduser(config.data.data_dir)
-    data = LMData(tokenizer,
-                  _token_stream(builder, "train", tokenizer, data_dir),
-                  _token_stream(builder, "eval", tokenizer, data_dir),
-                  seq_len=config.seq_len,
+    corpus = sources.open_corpus(config.data)
+    tokenizer = _get_tokenizer(config, corpus)
+    entropy = _cached_entropy(corpus, tokenizer, os.path.expanduser(config.data.data_dir))
+    data = LMData(corpus, tokenizer, entropy, seq_len=config.seq_len,
                   global_batch_size=config.global_batch_size,
-                  seed=config.seed,
-                  process_index=process_index,
-                  process_count=process_count)
-  logging.info("Data: %d train / %d eval tokens; unigram entropy %.3f nats/token.",
-               data.num_train_tokens, data.num_eval_tokens, data.unigram_entropy)
+                  num_streams=config.data.num_streams, seed=config.seed,
+                  process_index=process_index, process_count=process_count)
+  logging.info("Data: %s, %d train / %d eval documents; unigram entropy %.3f nats/token.",
+               corpus.name, len(corpus.train), len(corpus.eval), data.unigram_entropy)
   return data

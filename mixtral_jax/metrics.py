@@ -13,12 +13,19 @@ def _jsonable(value: Any) -> Any:
 
 
 class MetricsWriter:
-  """Appends `{"step": …, name: value, …}` lines to WORKDIR/metrics.jsonl."""
+  """Appends `{"step": …, name: value, …}` lines to WORKDIR/metrics.jsonl.
 
-  def __init__(self, workdir: str):
+  Only an `enabled` writer writes: in a multi-process run the primary process, as the metrics
+  are global and the workdir is shared.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True):
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = enabled
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
     record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")

@@ -1,11 +1,19 @@
-"""SentencePiece BPE tokenizer for source code: byte fallback, whitespace kept verbatim."""
+"""SentencePiece BPE tokenizer for source code and text: byte fallback, whitespace kept verbatim.
 
+    mixtral-tokenizer train --files 'corpus/**/*.txt' --vocab 32000 --out corpus.model
+"""
+
+import argparse
+import hashlib
 import io
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 
 import sentencepiece as spm
+
+from mixtral_jax import sources
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -94,3 +102,37 @@ def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
     return spm.SentencePieceProcessor(model_file=path)
   except (RuntimeError, OSError) as e:
     raise ValueError(f"Not a valid SentencePiece model: {path}") from e
+
+
+def model_id(tokenizer: spm.SentencePieceProcessor) -> str:
+  """Short content hash of a tokenizer, for cache file names."""
+  return hashlib.sha1(tokenizer.serialized_model_proto()).hexdigest()[:12]
+
+
+def main(argv=None) -> int:
+  """`mixtral-tokenizer train`: a tokenizer for config.data.tokenizer_path from local files."""
+  parser = argparse.ArgumentParser(prog="mixtral-tokenizer", description=__doc__.splitlines()[0])
+  commands = parser.add_subparsers(dest="command", required=True)
+  train = commands.add_parser("train", help="train a BPE model on local text/JSONL files")
+  train.add_argument("--files", required=True, help="comma-separated globs; ** recurses")
+  train.add_argument("--vocab", type=int, required=True, help="vocabulary size")
+  train.add_argument("--out", required=True, help="path of the .model file to write")
+  train.add_argument("--text_key", default="text", help="field of the text in .jsonl lines")
+  train.add_argument("--max_train_chars", type=int, default=_DEFAULT_MAX_TRAIN_CHARS,
+                     help="train on (about) this many characters from the start of the files")
+  args = parser.parse_args(argv)
+  try:
+    if args.vocab < 260:  # 256 byte pieces + 4 specials
+      raise ValueError(f"--vocab {args.vocab} is too small: byte fallback needs at least 260")
+    texts = (text for _, text in sources.read_documents(sources.match_files(args.files, field='--files'),
+                                                        args.text_key))
+    train_tokenizer(texts, args.vocab, args.out, args.max_train_chars)
+  except (ValueError, RuntimeError, OSError) as e:
+    print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+    return 1
+  print(f"wrote {args.out} ({args.vocab} pieces)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -18,6 +18,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from mixtral_jax import checkpoint as checkpoint_lib
@@ -25,10 +26,12 @@ from mixtral_jax import config as config_lib
 from mixtral_jax import data as data_lib
 from mixtral_jax import metrics as metrics_lib
 from mixtral_jax import sharding
+from mixtral_jax import sources
 from mixtral_jax import tokenizer as tokenizer_lib
 from mixtral_jax.model import Mixtral, count_params
 from mixtral_jax.optimizer import learning_rate_schedule, make_optimizer
 
+# inputs, targets, weights [B, T]; optional positions, segment_ids [B, T] of packed documents.
 Batch = dict[str, jax.Array]
 
 
@@ -79,8 +82,8 @@ def make_loss_fn(model: Mixtral, model_config) -> Callable:
   """loss(params, batch, rng) → (total loss, metrics) for one (micro-)batch."""
 
   def loss_fn(params, batch: Batch, rng):
-    logits, stats = model.apply({"params": params}, batch["inputs"],
-                                token_mask=batch["weights"], deterministic=False,
+    logits, stats = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
+                                batch.get("segment_ids"), batch["weights"], deterministic=False,
                                 rngs={"jitter": rng})
     ce_sum, weight_sum = cross_entropy(logits, batch["targets"], batch["weights"])
     ce = ce_sum / jnp.maximum(weight_sum, 1.0)
@@ -133,17 +136,25 @@ def make_eval_step(model: Mixtral) -> Callable:
   """eval_step(params, batch) → (Σ token losses, Σ weights)."""
 
   def eval_step(params, batch: Batch):
-    logits, _ = model.apply({"params": params}, batch["inputs"], token_mask=batch["weights"])
+    logits, _ = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
+                            batch.get("segment_ids"), batch["weights"])
     return cross_entropy(logits, batch["targets"], batch["weights"])
 
   return eval_step
 
 
-def evaluate(eval_step: Callable, params, data, num_batches: int) -> dict[str, float]:
+def global_batch(local_batch: data_lib.Batch, batch_sharding) -> Batch:
+  """This process's rows → global arrays on `batch_sharding` (every process passes its own)."""
+  return {key: jax.make_array_from_process_local_data(batch_sharding, value)
+          for key, value in local_batch.items()}
+
+
+def evaluate(eval_step: Callable, params, data, num_batches: int,
+             batch_sharding) -> dict[str, float]:
   """Mean held-out cross-entropy (nats/token) and perplexity over `num_batches` batches."""
   loss_sum, weight_sum = 0.0, 0.0
   for batch in data.eval_batches(num_batches):
-    batch_loss, batch_weight = eval_step(params, batch)
+    batch_loss, batch_weight = eval_step(params, global_batch(batch, batch_sharding))
     loss_sum += float(batch_loss)
     weight_sum += float(batch_weight)
   eval_loss = loss_sum / max(weight_sum, 1.0)
@@ -155,6 +166,41 @@ def _mean_metrics(history: list[dict]) -> dict:
                       *history)
 
 
+def _make_data(config) -> data_lib.LMData:
+  """This process's data; process 0 first builds any missing dataset or tokenizer cache.
+
+  Processes sharing a data_dir would otherwise race to build the same files.
+  """
+  if jax.process_index() == 0:
+    data = data_lib.make_data(config, 0, jax.process_count())
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("mixtral_jax: data prepared")
+  if jax.process_index() > 0:
+    data = data_lib.make_data(config, jax.process_index(), jax.process_count())
+  return data
+
+
+def _all_data_states(batches: data_lib.TrainIterator) -> list[dict]:
+  """Every process's data-iterator state, indexed by process (the checkpoint's meta is global)."""
+  state = batches.get_state()
+  if jax.process_count() == 1:
+    return [state]
+  cursors = multihost_utils.process_allgather(np.asarray(state["cursors"], np.int32))
+  return [{"step": state["step"], "cursors": c.tolist()} for c in np.asarray(cursors)]
+
+
+def _process_data_state(meta: dict) -> Optional[dict]:
+  """This process's saved data-iterator state; None (start the data afresh) if there is none."""
+  states = meta.get("data_state")
+  if states is None:  # e.g. an imported HF model: no data consumed yet
+    return None
+  if len(states) != jax.process_count():
+    logging.warning("The checkpoint's data state is for %d processes, this run has %d: the data "
+                    "order restarts.", len(states), jax.process_count())
+    return None
+  return states[jax.process_index()]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stop_at_step: Optional[int] = None) -> dict[str, Any]:
   """Trains `config` in `workdir` and returns a summary (first/last loss, eval, baseline).
@@ -163,25 +209,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   early (with a checkpoint), as a preemption would, without changing the schedule.
   """
   config_lib.validate(config, jax.device_count(), jax.default_backend())
+  primary = jax.process_index() == 0  # writes the workdir's shared files
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if primary:
+    tokenizer_lib.write_atomically(os.path.join(workdir, "config.json"),
+                                   config.to_json_best_effort(indent=2).encode())
 
   mesh = sharding.make_mesh(config.mesh)
-  data = data_lib.make_data(config)
-  # The run's own copy of its tokenizer, for export (mixtral-convert) and inference.
-  tokenizer_lib.write_atomically(os.path.join(workdir, "tokenizer.model"),
-                                 data.tokenizer.serialized_model_proto())
+  data = _make_data(config)
+  if primary:  # the run's own copy of its tokenizer, for export (mixtral-convert) and inference
+    tokenizer_lib.write_atomically(os.path.join(workdir, "tokenizer.model"),
+                                   data.tokenizer.serialized_model_proto())
   model = build_model(config, mesh)
   optimizer = make_optimizer(config)
   state = init_state(config, model, optimizer, mesh)
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint_every_steps,
                                              config.keep_checkpoints)
-  start_step, data_position = 0, 0
+  start_step, data_state = 0, None
   if checkpointer.latest_step() is not None:
     state, meta = checkpointer.restore(state)
-    start_step, data_position = int(state.step), meta["data_position"]
+    start_step, data_state = int(state.step), _process_data_state(meta)
     print(f"resuming from checkpoint at step {start_step} in {workdir}", flush=True)
+  batches = data.train_iterator(data_state)
   saved_config = json.loads(config.to_json_best_effort())
   last_step = min(config.num_train_steps, stop_at_step or config.num_train_steps)
   if start_step >= last_step:
@@ -200,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, None), donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(model), in_shardings=(state_sharding.params, batch_sharding))
-  writer = metrics_lib.MetricsWriter(workdir)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=primary)
   progress = metrics_lib.ProgressBar(config.num_train_steps)
   tokens_per_step = config.global_batch_size * config.seq_len
   history, first_loss, last_metrics, eval_metrics = [], None, {}, {}
@@ -208,8 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   nonfinite_streak = 0
   for step in range(start_step + 1, last_step + 1):
-    state, metrics = train_step(state, data.train_batch(data_position))
-    data_position += 1
+    state, metrics = train_step(state, global_batch(next(batches), batch_sharding))
     history.append(metrics)
     interval_steps += 1
     is_last = step == last_step
@@ -220,8 +268,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           f"step {step}: loss or gradients were NaN/Inf for {nonfinite_streak} steps in a row "
           f"(config.max_nan_steps={config.max_nan_steps}); stopped without saving, the last "
           f"checkpoint is step {checkpointer.latest_step()}")
-    checkpointer.maybe_save(step, state, {"config": saved_config, "data_position": data_position},
-                            force=is_last)
+    # Every process joins in gathering the data state, so decide here rather than in the saver.
+    if is_last or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0):
+      checkpointer.maybe_save(step, state, {"config": saved_config,
+                                            "data_position": batches.step,
+                                            "data_state": _all_data_states(batches)},
+                              force=True)
     if step % config.log_every_steps == 0 or is_last or step == start_step + 1:
       logged = _mean_metrics(history)
       elapsed = time.perf_counter() - interval_start
@@ -230,7 +282,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         first_loss = float(logged["loss"])
       if ((config.eval_every_steps and step % config.eval_every_steps == 0) or
           step == config.num_train_steps):
-        eval_metrics = evaluate(eval_step, state.params, data, config.eval_batches)
+        eval_metrics = evaluate(eval_step, state.params, data, config.eval_batches,
+                                batch_sharding)
         logged.update(eval_metrics)
       writer.write(step, logged)
       # The first step's time is mostly compilation: no ETA from it.
@@ -256,7 +309,8 @@ def main(argv) -> None:
   try:
     config_lib.validate(_CONFIG.value, jax.device_count(), jax.default_backend())
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (config_lib.ConfigError, checkpoint_lib.CheckpointError, NonFiniteError) as e:
+  except (config_lib.ConfigError, checkpoint_lib.CheckpointError, sources.DataError,
+          NonFiniteError) as e:
     raise SystemExit(f"error: {e}") from None
 
 

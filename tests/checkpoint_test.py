@@ -1,7 +1,8 @@
-"""Checkpoints: resharding restore, kill -9, NaN steps, corrupted and foreign directories."""
+"""Checkpoints: resharding restore, params-only restore, kill -9, NaN steps, bad directories."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +45,26 @@ def test_restore_onto_other_meshes_gives_identical_parameters(tmp_path):
   assert train.train_and_evaluate(config, workdir)["final_loss"] > 0
 
 
+def test_params_restore_alone_without_the_optimizer_state(tmp_path):
+  config = tiny_config(tmp_path, num_train_steps=2)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  template = train.init_state(config, train.build_model(config), train.make_optimizer(config))
+  state, _ = checkpoint.Checkpointer(workdir).restore(template)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "2", "train"))
+
+  checkpointer = checkpoint.Checkpointer(workdir, read_only=True)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          template.params)
+  params = checkpointer.restore_params(abstract)
+  jax.tree.map(np.testing.assert_array_equal, params, state.params)
+  assert not np.array_equal(params["embed"], template.params["embed"])  # trained, not the init
+  abstract["embed"] = jax.ShapeDtypeStruct((320, 64), jnp.float32)
+  with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/2 does not match this model: "
+                                                       r"params/embed is \(320, 32\) there"):
+    checkpointer.restore_params(abstract)
+
+
 def _cli(workdir, tmp_path, steps, extra=()):
   config = tiny_config(tmp_path)
   args = [sys.executable, "-u", "-m", "mixtral_jax.train", "--config=configs/default.py",
@@ -54,8 +75,8 @@ def _cli(workdir, tmp_path, steps, extra=()):
                "model.vocab_size": 320, "model.hidden_size": 32, "model.intermediate_size": 48,
                "model.num_layers": 2, "model.num_heads": 4, "model.num_kv_heads": 2,
                "model.head_dim": 8, "model.num_experts": 4, "model.block_size": 16,
-               "data.data_dir": config.data.data_dir, "data.files_root": config.data.files_root,
-               "data.eval_fraction": 0.25}
+               "data.data_dir": config.data.data_dir, "data.source": config.data.source,
+               "data.files": config.data.files, "data.eval_fraction": 0.25}
   args += [f"--config.{k}={v}" for k, v in overrides.items()] + list(extra)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   return args, env
@@ -117,26 +138,17 @@ def test_kill_9_resumes_from_last_complete_checkpoint(tmp_path):
   assert not [d for d in os.listdir(checkpoints) if not d.isdigit()]  # leftovers cleaned up
 
 
-class _NaNAfter:
-  """Wraps LMData: batches from `start` on carry NaN loss weights."""
+def test_nan_steps_are_not_applied_and_stop_the_run(tmp_path, monkeypatch):
+  config = tiny_config(tmp_path, num_train_steps=20, checkpoint_every_steps=4, max_nan_steps=3)
+  real_next = train.data_lib.TrainIterator.__next__
 
-  def __init__(self, data, start):
-    self._data, self._start = data, start
-
-  def __getattr__(self, name):
-    return getattr(self._data, name)
-
-  def train_batch(self, step):
-    batch = self._data.train_batch(step)
-    if step >= self._start:
+  def nan_from_step_10(batches):
+    batch = real_next(batches)  # which advanced batches.step to this batch's training step
+    if batches.step >= 10:
       batch = dict(batch, weights=np.full_like(batch["weights"], np.nan))
     return batch
 
-
-def test_nan_steps_are_not_applied_and_stop_the_run(tmp_path, monkeypatch):
-  config = tiny_config(tmp_path, num_train_steps=20, checkpoint_every_steps=4, max_nan_steps=3)
-  make_data = train.data_lib.make_data
-  monkeypatch.setattr(train.data_lib, "make_data", lambda c: _NaNAfter(make_data(c), 9))
+  monkeypatch.setattr(train.data_lib.TrainIterator, "__next__", nan_from_step_10)
   workdir = str(tmp_path / "run")
   with pytest.raises(train.NonFiniteError, match=r"^step 12: loss or gradients were NaN/Inf "
                                                  r"for 3 steps in a row .* checkpoint is step 8"):
@@ -159,7 +171,8 @@ def test_nonfinite_step_leaves_parameters_unchanged(tmp_path):
   state = train.init_state(config, model, optimizer)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (8, 33), 0, 320)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-           "weights": jnp.full((8, 32), jnp.inf)}
+           "positions": jnp.broadcast_to(jnp.arange(32), (8, 32)),
+           "segment_ids": jnp.ones((8, 32), jnp.int32), "weights": jnp.full((8, 32), jnp.inf)}
   new_state, metrics = jax.jit(train.make_train_step(config, model, optimizer))(state, batch)
   assert float(metrics["skipped"]) == 1.0 and int(new_state.step) == 1
   jax.tree.map(np.testing.assert_array_equal, new_state.params, state.params)

@@ -4,6 +4,8 @@ import inspect
 import json
 import json.decoder
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ import torch
 import transformers
 
 from mixtral_jax import checkpoint, convert, sharding, train
-from train_test import tiny_config
+from train_test import REPO, tiny_config
 
 
 def tiny_trained_params(tmp_path, **model_overrides):
@@ -218,6 +220,26 @@ def test_training_resumes_from_an_imported_hf_model(tmp_path):
   assert np.isfinite(summary["final_loss"])
 
 
+def test_an_imported_model_resumes_as_a_fresh_state_around_its_params(tmp_path):
+  hf_tiny(tmp_path / "hf")
+  workdir = str(tmp_path / "run")
+  config = convert.import_hf(str(tmp_path / "hf"), workdir)
+  items = os.listdir(tmp_path / "run" / "checkpoints" / "0")
+  assert "params" in items and "train" not in items  # no optimizer state written
+  optimizer = train.make_optimizer(config)
+  template = train.init_state(config, train.build_model(config), optimizer)  # random params
+  state, meta = checkpoint.Checkpointer(workdir).restore(template)
+  assert meta["data_position"] == 0
+  params, _ = convert.restore_params(workdir)
+  jax.tree.map(np.testing.assert_array_equal, state.params, params)
+  # The template's fresh step, AdamW state (zeros whatever the params) and RNG are exactly what
+  # training would start from around the imported parameters.
+  jax.tree.map(np.testing.assert_array_equal, state,
+               train.state_from_params(config, params, optimizer))
+  with pytest.raises(checkpoint.CheckpointError, match="holds parameters only"):
+    checkpoint.Checkpointer(workdir).restore(jax.eval_shape(lambda: template))
+
+
 def test_failed_export_leaves_nothing_at_out(tmp_path, monkeypatch):
   config, _, params = tiny_trained_params(tmp_path)
 
@@ -232,3 +254,54 @@ def test_failed_export_leaves_nothing_at_out(tmp_path, monkeypatch):
     convert.export_hf(params, config.model, str(tmp_path / "out"), max_shard_bytes=1000)
   assert not (tmp_path / "out").exists()
   assert [p for p in os.listdir(tmp_path) if p.startswith(".tmp-export-")] == []
+
+
+# 38M parameters (150 MB in float32) saved with their AdamW state, which is twice that again.
+_SAVE_WITH_OPTIMIZER_STATE = """
+import json, sys
+import jax
+from configs import default
+from mixtral_jax import checkpoint, train
+config = default.get_config()
+config.model.update(hidden_size=384, intermediate_size=384, num_layers=8, num_heads=6,
+                    head_dim=64)
+state = train.init_state(config, train.build_model(config), train.make_optimizer(config))
+checkpointer = checkpoint.Checkpointer(sys.argv[1])
+checkpointer.maybe_save(1, state, {"config": json.loads(config.to_json_best_effort()),
+                                   "data_position": 1}, force=True)
+checkpointer.close()
+print(sum(x.nbytes for x in jax.tree.leaves(state.params)))
+"""
+
+# Peak RSS of `mixtral-convert ARGS` above the RSS just before it (imports and JAX's backend done).
+_PEAK_INCREASE = """
+import resource, sys
+import jax
+from mixtral_jax import convert
+jax.devices()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert convert.main(sys.argv[1:]) == 0
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_conversions_hold_about_one_copy_of_the_parameters(tmp_path):
+  # glibc keeps freed buffers under 32 MB (every tensor of this model) cached in its arenas,
+  # which RSS would count; a real model's tensors are larger, so mapped and unmapped. A fixed
+  # mmap threshold makes this small model's buffers behave the same.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", MALLOC_MMAP_THRESHOLD_="65536")
+
+  def run(script, *args):
+    result = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return int(result.stdout.split()[-1])
+
+  workdir, hf, shard_bytes = str(tmp_path / "run"), str(tmp_path / "hf"), 16 << 20
+  params_bytes = run(_SAVE_WITH_OPTIMIZER_STATE, workdir)
+  exported = run(_PEAK_INCREASE, "to-hf", "--workdir", workdir, "--out", hf,
+                 "--max_shard_bytes", str(shard_bytes))
+  imported = run(_PEAK_INCREASE, "from-hf", "--hf", hf, "--workdir", str(tmp_path / "imported"))
+  # The whole train state alone would be 3x the parameters.
+  assert exported < 1.5 * params_bytes + shard_bytes, (exported, params_bytes)
+  assert imported < 1.5 * params_bytes, (imported, params_bytes)

@@ -1,193 +1,262 @@
-"""Tests for mixtral_jax.data on a small generated source tree (never the real stdlib)."""
+"""Data: packing, local-file and TFDS sources, per-process shards, resumable batches, bad input."""
 
-import collections
+import json
 import logging
-import math
-import os
 import pathlib
-import re
 
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
+from configs import default
 from mixtral_jax import data as data_lib
-from mixtral_jax import tokenizer as tokenizer_lib
+from mixtral_jax import packing, sources
 
 VOCAB_SIZE = 320
-EVAL_FRACTION = 0.25
-SEQ_LEN = 16
-GLOBAL_BATCH_SIZE = 4
+BOS, EOS = 2, 3
 
 
-def _python_source(index: int) -> str:
+def _text(index: int) -> str:
   return "".join(f"def handler_{index}_{j}(request, limit={j * 7}):\n"
-                 f'    """Handles request {j} of module {index}."""\n'
-                 "\tif request.size > limit:\n"
-                 f"        return [item for item in request.items if item.id % {j + 2} == 0]\n\n"
-                 for j in range(6))
+                 f"    return [item for item in request.items if item.id % {j + 2} == 0]\n\n"
+                 for j in range(3 + index % 5))
+
+
+def _config(tmp_path, **data_overrides) -> ml_collections.ConfigDict:
+  config = default.get_config()
+  config.update(seq_len=16, global_batch_size=4)
+  config.model.vocab_size = VOCAB_SIZE
+  config.data.update(source="files", data_dir=str(tmp_path / "cache"), eval_fraction=0.25,
+                     num_streams=6)
+  config.data.update(data_overrides)
+  return config
 
 
 @pytest.fixture
-def corpus(tmp_path) -> tuple[pathlib.Path, dict[str, str]]:
-  """A source tree, and the {relative path: text} the dataset must hold (the UTF-8 .py files)."""
-  root = tmp_path / "src"
-  expected = {f"pkg{i % 3}/sub{i % 2}/module_{i}.py": _python_source(i) for i in range(24)}
-  ignored = {"site-packages/dep.py": "A = 1\n", "dist-packages/dep.py": "B = 2\n",
-             "pkg0/notes.txt": "not python\n"}
-  for relative_path, text in (expected | ignored).items():
-    (root / relative_path).parent.mkdir(parents=True, exist_ok=True)
-    (root / relative_path).write_text(text)
-  (root / "pkg1/latin1.py").write_bytes(b"NAME = '\xe9t\xe9'\n")
-  return root, expected
+def corpus_dir(tmp_path) -> pathlib.Path:
+  """30 .py files, a .txt and a .jsonl of 4 documents (one line blank)."""
+  root = tmp_path / "corpus"
+  for i in range(30):
+    (root / f"pkg{i % 3}").mkdir(parents=True, exist_ok=True)
+    (root / f"pkg{i % 3}" / f"module_{i}.py").write_text(_text(i))
+  (root / "notes.txt").write_text("plain text is one document\n")
+  lines = [json.dumps({"text": _text(100 + i), "id": i}) for i in range(4)]
+  (root / "records.jsonl").write_text("\n".join(lines[:2] + [""] + lines[2:]) + "\n")
+  return root
 
 
-def _config(tmp_path: pathlib.Path, files_root: pathlib.Path,
-            **data_overrides) -> ml_collections.ConfigDict:
-  data = dict(source="stdlib", data_dir=str(tmp_path / "cache"), tokenizer_path="",
-              eval_fraction=EVAL_FRACTION, files_root=str(files_root))
-  return ml_collections.ConfigDict(dict(seed=0, seq_len=SEQ_LEN, global_batch_size=GLOBAL_BATCH_SIZE,
-                                        model=dict(vocab_size=VOCAB_SIZE),
-                                        data=data | data_overrides))
+def _expected_documents(root: pathlib.Path) -> set[str]:
+  texts = {p.read_text() for p in root.rglob("*.py")} | {"plain text is one document\n"}
+  return texts | {_text(100 + i) for i in range(4)}
 
 
-def _split_paths(builder: data_lib.PythonSourceFiles, split: str) -> set[str]:
-  return {example["path"].decode() for example in builder.as_data_source(split=split)}
+def test_packing_hand_built_documents_gives_exact_rows():
+  docs = [np.array([10, 11, 12]), np.array([20, 21]), np.array([30, 31, 32, 33, 34, 35])]
+  stream = packing.Stream(lambda k: docs[k] if k < len(docs) else None, 5, BOS, EOS)
+  rows = [stream.next_row() for _ in range(3)]
+  assert stream.next_row() is None
+  expected = {
+      "inputs": [[BOS, 10, 11, 12, BOS], [20, 21, BOS, 30, 31], [32, 33, 34, 35, 0]],
+      "targets": [[10, 11, 12, EOS, 20], [21, EOS, 30, 31, 32], [33, 34, 35, EOS, 0]],
+      "segment_ids": [[1, 1, 1, 1, 2], [1, 1, 2, 2, 2], [1, 1, 1, 1, 0]],
+      "positions": [[0, 1, 2, 3, 0], [0, 1, 0, 1, 2], [0, 1, 2, 3, 0]],
+  }
+  batch = packing.stack_rows(rows)
+  for key, value in expected.items():
+    np.testing.assert_array_equal(batch[key], value, err_msg=key)
+  np.testing.assert_array_equal(batch["weights"], np.array(expected["segment_ids"]) > 0)
 
 
-def _rows(batch: data_lib.Batch) -> set[tuple[int, ...]]:
-  return {tuple(row) for row in batch["inputs"]}
+def test_stream_resumes_from_its_cursor():
+  docs = [np.arange(100 * k, 100 * k + 3 + k) for k in range(12)]
+  straight = packing.Stream(lambda k: docs[k % 12], 7, BOS, EOS)
+  rows = [straight.next_row() for _ in range(10)]
+  resumed = packing.Stream(lambda k: docs[k % 12], 7, BOS, EOS)
+  for _ in range(4):
+    resumed.next_row()
+  resumed = packing.Stream(lambda k: docs[k % 12], 7, BOS, EOS, resumed.cursor)
+  for row in rows[4:]:
+    for key, value in resumed.next_row().items():
+      np.testing.assert_array_equal(value, row[key])
 
 
-def test_splits_partition_the_files_by_path_hash(tmp_path, corpus):
-  root, expected = corpus
-  builder = data_lib.build_dataset(_config(tmp_path, root).data)
-  train, eval_ = _split_paths(builder, "train"), _split_paths(builder, "eval")
-  assert train | eval_ == set(expected) and not train & eval_
-  assert eval_ == {p for p in expected if data_lib.is_eval_file(p, EVAL_FRACTION)}
-  assert sorted(data_lib.split_texts(builder, "eval")) == sorted(expected[p] for p in eval_)
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 1000])
+def test_permute_is_a_seeded_bijection(n):
+  orders = [[data_lib.permute(i, n, (0, epoch)) for i in range(n)] for epoch in range(2)]
+  assert all(sorted(order) == list(range(n)) for order in orders)
+  if n >= 7:
+    assert orders[0] != orders[1] and orders[0] != list(range(n))
 
 
-def test_split_is_the_same_for_independent_builds(tmp_path, corpus):
-  first = data_lib.build_dataset(_config(tmp_path / "a", corpus[0]).data)
-  second = data_lib.build_dataset(_config(tmp_path / "b", corpus[0]).data)
-  assert _split_paths(first, "eval") == _split_paths(second, "eval")
+def test_local_files_build_a_tfds_dataset_of_every_document(tmp_path, corpus_dir):
+  corpus = sources.open_corpus(_config(tmp_path, files=f"{corpus_dir}/**/*.py,"
+                                                      f"{corpus_dir}/*.txt,{corpus_dir}/*.jsonl")
+                               .data)
+  train, held_out = list(corpus.train), list(corpus.eval)
+  assert train and held_out and not set(train) & set(held_out)
+  assert sorted(train + held_out) == sorted(_expected_documents(corpus_dir))
+  # The split is by document name: a rebuild elsewhere gives the same one.
+  again = sources.open_corpus(_config(tmp_path / "other", files=f"{corpus_dir}/**/*.py,"
+                                      f"{corpus_dir}/*.txt,{corpus_dir}/*.jsonl").data)
+  assert list(again.eval) == held_out
 
 
-def test_non_utf8_files_are_skipped_and_counted(tmp_path, corpus, caplog):
+def test_jsonl_text_key_selects_the_field(tmp_path):
+  root = tmp_path / "jsonl"
+  root.mkdir()
+  (root / "a.jsonl").write_text("".join(json.dumps({"body": f"doc {i}"}) + "\n" for i in range(20)))
+  corpus = sources.open_corpus(_config(tmp_path, files=f"{root}/*.jsonl", text_key="body",
+                                       eval_fraction=0.3).data)
+  assert sorted(list(corpus.train) + list(corpus.eval)) == sorted(f"doc {i}" for i in range(20))
+
+
+def test_bad_files_are_skipped_with_a_count_and_bad_input_is_one_line(tmp_path, corpus_dir,
+                                                                      caplog):
+  (corpus_dir / "pkg0" / "latin1.py").write_bytes(b"NAME = '\xe9t\xe9'\n")
+  (corpus_dir / "pkg1" / "blob.py").write_bytes(b"\x00\x01\x02binary")
   with caplog.at_level(logging.WARNING):
-    builder = data_lib.build_dataset(_config(tmp_path, corpus[0]).data)
-  assert builder.info.metadata["num_skipped_files"] == 1
-  assert "Skipped 1 non-UTF-8 files" in caplog.text
+    corpus = sources.open_corpus(_config(tmp_path, files=f"{corpus_dir}/**/*.py").data)
+  assert len(corpus.train) + len(corpus.eval) == 30
+  assert "Skipped 2 binary or non-UTF-8 files of 32" in caplog.text
 
-
-def test_empty_dir_raises_naming_it(tmp_path):
+  with pytest.raises(sources.DataError, match=r"config.data.files: '.*nothing\*.txt' matches no"):
+    sources.open_corpus(_config(tmp_path, files=f"{corpus_dir}/nothing*.txt").data)
   empty = tmp_path / "empty"
   empty.mkdir()
-  with pytest.raises(ValueError, match=re.escape(str(empty))):
-    data_lib.make_data(_config(tmp_path, empty))
+  (empty / "a.txt").write_text("")
+  (empty / "b.txt").write_bytes(b"\xff\xfe")
+  with pytest.raises(sources.DataError, match="hold no UTF-8 text documents"):
+    sources.open_corpus(_config(tmp_path, files=f"{empty}/*.txt").data)
+  (corpus_dir / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
+  with pytest.raises(sources.DataError, match=r"bad.jsonl:2: no string field 'text'"):
+    sources.open_corpus(_config(tmp_path, files=f"{corpus_dir}/bad.jsonl").data)
 
 
-def test_unknown_source_raises(tmp_path, corpus):
-  with pytest.raises(ValueError, match=r"unknown source 'x'; expected one of \['stdlib'\]"):
-    data_lib.make_data(_config(tmp_path, corpus[0], source="x"))
+class MixtralJaxTinyLines(tfds.core.GeneratorBasedBuilder):
+  """A registered TFDS dataset made offline, standing in for lm1b & co."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  code_path = None
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+        {"sentence": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(range(20)),
+            "test": self._generate_examples(range(20, 26))}
+
+  def _generate_examples(self, indices):
+    for i in indices:
+      yield i, {"sentence": f"line {i}: " + _text(i)}
 
 
-def test_batches_are_shifted_next_token_pairs(tmp_path, corpus):
-  data = data_lib.make_data(_config(tmp_path, corpus[0]))
-  for batch in (data.train_batch(0), next(data.eval_batches(1))):
-    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
-        "inputs": ((GLOBAL_BATCH_SIZE, SEQ_LEN), np.int32),
-        "targets": ((GLOBAL_BATCH_SIZE, SEQ_LEN), np.int32),
-        "weights": ((GLOBAL_BATCH_SIZE, SEQ_LEN), np.float32),
-    }
-    np.testing.assert_array_equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])
-    np.testing.assert_array_equal(batch["weights"], 1.0)
+def test_tfds_source_reads_a_prepared_dataset_by_name(tmp_path):
+  data_dir = str(tmp_path / "tfds")
+  config = _config(tmp_path, source="tfds", tfds_name="mixtral_jax_tiny_lines",
+                   text_key="sentence", data_dir=data_dir)
+  with pytest.raises(sources.DataError, match="not prepared.*tfds build mixtral_jax_tiny_lines"):
+    sources.open_corpus(config.data)
+  tfds.builder("mixtral_jax_tiny_lines", data_dir=data_dir,
+               file_format="array_record").download_and_prepare()
+  corpus = sources.open_corpus(config.data)
+  assert sorted(corpus.train) == sorted(f"line {i}: " + _text(i) for i in range(20))
+  assert len(corpus.eval) == 6  # no "validation" split: "test" is held out
+  with pytest.raises(sources.DataError, match="text_key='text'.*sentence"):
+    sources.open_corpus(_config(tmp_path, source="tfds", tfds_name="mixtral_jax_tiny_lines",
+                                data_dir=data_dir).data)
+  with pytest.raises(sources.DataError, match="eval_split='validation'"):
+    sources.open_corpus(_config(tmp_path, source="tfds", tfds_name="mixtral_jax_tiny_lines",
+                                text_key="sentence", eval_split="validation",
+                                data_dir=data_dir).data)
+  with pytest.raises(sources.DataError, match="tfds_name='no_such_dataset'"):
+    sources.open_corpus(_config(tmp_path, source="tfds", tfds_name="no_such_dataset").data)
 
 
-def test_train_batch_is_a_pure_function_of_seed_and_step(tmp_path, corpus):
-  # Separate caches, so the resumed run rebuilds dataset, tokenizer and tokens from scratch.
-  first = data_lib.make_data(_config(tmp_path / "a", corpus[0]))
-  resumed = data_lib.make_data(_config(tmp_path / "b", corpus[0]))
-  for step in (0, 1, 7, 1000):
-    for key, value in first.train_batch(step).items():
-      np.testing.assert_array_equal(resumed.train_batch(step)[key], value)
-  assert not np.array_equal(first.train_batch(0)["inputs"], first.train_batch(1)["inputs"])
+@pytest.fixture
+def data_config(tmp_path, corpus_dir):
+  return _config(tmp_path, files=f"{corpus_dir}/**/*.py")
 
 
-def test_each_epoch_visits_every_row_once_in_a_new_order():
-  tokens = np.arange(40 * (SEQ_LEN + 1), dtype=np.int32)  # 40 rows, told apart by first token
-  data = data_lib.LMData(None, tokens, tokens, seq_len=SEQ_LEN, global_batch_size=4, seed=3)
-  epochs = [[row for step in range(start, start + 10) for row in data.train_batch(step)["inputs"][:, 0]]
-            for start in (0, 10)]
-  assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(0, len(tokens), SEQ_LEN + 1))
-  assert epochs[0] != epochs[1]
+def test_processes_read_disjoint_shards_that_cover_the_split(data_config):
+  whole = data_lib.make_data(data_config)
+  shares = [data_lib.make_data(data_config, process_index=i, process_count=2) for i in range(2)]
+  for split in ("train_documents", "eval_documents"):
+    texts = [list(getattr(share, split)) for share in shares]
+    assert texts[0] and texts[1] and not set(texts[0]) & set(texts[1])
+    assert sorted(texts[0] + texts[1]) == sorted(getattr(whole, split))
+  assert shares[0].batch_size == 2 and next(shares[1].train_iterator())["inputs"].shape == (2, 16)
 
 
-def test_processes_get_disjoint_shares_of_each_global_batch(tmp_path, corpus):
-  config = _config(tmp_path, corpus[0])
-  whole = data_lib.make_data(config)
-  shares = [data_lib.make_data(config, process_index=i, process_count=2) for i in range(2)]
-  for batches in ([d.train_batch(5) for d in shares], [next(d.eval_batches(1)) for d in shares]):
-    assert all(b["inputs"].shape == (GLOBAL_BATCH_SIZE // 2, SEQ_LEN) for b in batches)
-    assert not _rows(batches[0]) & _rows(batches[1])
-  np.testing.assert_array_equal(np.concatenate([d.train_batch(5)["inputs"] for d in shares]),
-                                whole.train_batch(5)["inputs"])
+def test_each_epoch_reads_every_document_of_the_shard_once(data_config):
+  data = data_lib.make_data(data_config, process_index=1, process_count=2)
+  iterator = data.train_iterator()
+  read = []
+  iterator._tokenize = lambda text: read.append(text) or np.zeros(1, np.int32)
+  streams, n = 6, len(data.train_documents)
+  for epoch in range(2):
+    read.clear()
+    for j in range(epoch * n, (epoch + 1) * n):
+      iterator._document(j % streams, j // streams)
+    assert sorted(read) == sorted(data.train_documents)
 
 
-def test_eval_batches_are_fixed_and_bounded(tmp_path, corpus):
-  data = data_lib.make_data(_config(tmp_path, corpus[0]))
-  all_batches = [b["inputs"] for b in data.eval_batches(data.num_eval_batches)]
-  np.testing.assert_array_equal([b["inputs"] for b in data.eval_batches(2)], all_batches[:2])
-  with pytest.raises(ValueError, match="eval batches"):
-    next(data.eval_batches(data.num_eval_batches + 1))
+def test_batches_after_a_restored_state_equal_the_uninterrupted_run(data_config):
+  data = data_lib.make_data(data_config)
+  straight = data.train_iterator()
+  batches = [next(straight) for _ in range(40)]  # several epochs of this small corpus
+  interrupted = data.train_iterator()
+  for _ in range(17):
+    next(interrupted)
+  state = json.loads(json.dumps(interrupted.get_state()))  # as stored in the checkpoint
+  resumed = data_lib.make_data(data_config).train_iterator(state)
+  for expected in batches[17:]:
+    got = next(resumed)
+    for key in expected:
+      np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+  assert not np.array_equal(batches[0]["inputs"], batches[1]["inputs"])
 
 
-def test_eval_split_smaller_than_a_batch_raises():
-  train_tokens = np.zeros(100 * (SEQ_LEN + 1), np.int32)
-  eval_tokens = np.zeros(3 * (SEQ_LEN + 1), np.int32)
-  with pytest.raises(ValueError, match="eval_fraction.*seq_len.*global_batch_size"):
-    data_lib.LMData(None, train_tokens, eval_tokens, seq_len=SEQ_LEN, global_batch_size=4, seed=0)
+def test_train_rows_are_full_next_token_pairs_within_documents(data_config):
+  data = data_lib.make_data(data_config)
+  for batch in (next(data.train_iterator()), next(data.eval_batches(1))):
+    same = batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]
+    np.testing.assert_array_equal(batch["targets"][:, :-1][same], batch["inputs"][:, 1:][same])
+  train = [next(it) for it in [data.train_iterator()] for _ in range(100)]
+  assert all(b["weights"].min() == 1.0 for b in train)  # training rows are never padded
+  # Only a row's first piece can continue a document; every later one starts with BOS.
+  later_starts = np.concatenate([b["inputs"][:, 1:][b["positions"][:, 1:] == 0]
+                                 for b in train])
+  assert len(later_starts) and (later_starts == data.tokenizer.bos_id()).all()
 
 
-def test_unigram_entropy_matches_a_direct_computation(tmp_path, corpus):
-  root, expected = corpus
-  data = data_lib.make_data(_config(tmp_path, root))
-  train_texts = [t for p, t in expected.items() if not data_lib.is_eval_file(p, EVAL_FRACTION)]
-  counts = collections.Counter()
-  for ids in data.tokenizer.encode(train_texts):
-    counts.update(ids + [data.tokenizer.eos_id()])
-  total = sum(counts.values())
-  assert data.num_train_tokens == total
-  assert data.unigram_entropy == pytest.approx(
-      -sum(c / total * math.log(c / total) for c in counts.values()), rel=1e-9)
+def test_eval_batches_cover_the_split_in_order_then_pad(data_config):
+  data = data_lib.make_data(data_config)
+  batches = list(data.eval_batches(200))
+  assert batches[-1]["weights"].sum() == 0  # the split ran out: padding only
+  np.testing.assert_array_equal(list(data.eval_batches(4))[3]["inputs"], batches[3]["inputs"])
+  # Rows are cut from one stream, so reading them in order gives back every document.
+  rows = [(b["inputs"][r], b["weights"][r]) for b in batches for r in range(len(b["inputs"]))]
+  tokens = np.concatenate([inputs[weights > 0] for inputs, weights in rows])
+  expected = np.concatenate([[data.tokenizer.bos_id()] + data.tokenizer.encode(text)
+                             for text in data.eval_documents])
+  np.testing.assert_array_equal(tokens, expected)
 
 
-def test_given_tokenizer_must_match_the_model_vocab_size(tmp_path, corpus):
-  root, expected = corpus
-  path = tokenizer_lib.train_tokenizer(expected.values(), 340, str(tmp_path / "given.model"))
-  with pytest.raises(ValueError, match=f"{re.escape(path)}.*340.*{VOCAB_SIZE}"):
-    data_lib.make_data(_config(tmp_path, root, tokenizer_path=path))
-  config = _config(tmp_path, root, tokenizer_path=path)
-  config.model.vocab_size = 340
-  assert data_lib.make_data(config).tokenizer.vocab_size() == 340
+def test_unigram_entropy_is_measured_once_and_cached(data_config, monkeypatch):
+  data = data_lib.make_data(data_config)
+  tokens = np.concatenate([data.tokenizer.encode(t) for t in data.corpus.train])
+  assert data.unigram_entropy == pytest.approx(data_lib.unigram_entropy(tokens), rel=1e-9)
+  monkeypatch.setattr(data_lib, "_sample_entropy", lambda *a: pytest.fail("not cached"))
+  monkeypatch.setattr(data_lib.tokenizer_lib, "train_tokenizer",
+                      lambda *a: pytest.fail("tokenizer not cached"))
+  assert data_lib.make_data(data_config).unigram_entropy == data.unigram_entropy
 
 
-def test_second_call_reuses_every_cache(tmp_path, corpus, monkeypatch):
-  config = _config(tmp_path, corpus[0])
-  first = data_lib.make_data(config)
-  cache = tmp_path / "cache"
-  cache_files = [*cache.glob("tokenizers/*.model"), *cache.glob("tokens/*.npy")]
-  assert len(cache_files) == 3
-  mtimes = [os.stat(f).st_mtime_ns for f in cache_files]
-
-  def fail(*args, **kwargs):
-    raise AssertionError("cache miss")
-
-  monkeypatch.setattr(data_lib.PythonSourceFiles, "_split_generators", fail)
-  monkeypatch.setattr(data_lib, "split_texts", fail)
-  monkeypatch.setattr(tokenizer_lib, "train_tokenizer", fail)
-  second = data_lib.make_data(config)
-  assert [os.stat(f).st_mtime_ns for f in cache_files] == mtimes
-  np.testing.assert_array_equal(second.train_batch(3)["inputs"], first.train_batch(3)["inputs"])
-  assert not list(cache.rglob(".tmp-*"))
+def test_tokenizer_must_match_the_model_vocab_size(tmp_path, data_config):
+  assert data_lib.make_data(data_config).tokenizer.vocab_size() == VOCAB_SIZE  # now cached
+  data_config.model.vocab_size = VOCAB_SIZE + 20
+  data_config.data.tokenizer_path = str(next((tmp_path / "cache" / "tokenizers").glob("*.model")))
+  with pytest.raises(sources.DataError, match=f"vocab size {VOCAB_SIZE} but config.model"):
+    data_lib.make_data(data_config)

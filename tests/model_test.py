@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs import default, mixtral_8x7b
+from mixtral_jax import packing
 from mixtral_jax.model import Mixtral, count_params
 
 
@@ -63,18 +64,19 @@ def test_sliding_window_limits_what_a_layer_sees():
                          atol=1e-3)
 
 
-def test_packed_row_equals_documents_run_alone():
-  doc_a = jax.random.randint(jax.random.PRNGKey(3), (1, 9), 0, 97)
-  doc_b = jax.random.randint(jax.random.PRNGKey(4), (1, 7), 0, 97)
-  packed = jnp.concatenate([doc_a, doc_b], axis=1)
-  segment_ids = jnp.array([[1] * 9 + [2] * 7])
-  positions = jnp.array([list(range(9)) + list(range(7))])
-  model, params = init(tiny_model_config(), packed)
-  packed_logits, _ = model.apply({"params": params}, packed, positions, segment_ids)
-  alone_a, _ = model.apply({"params": params}, doc_a)
-  alone_b, _ = model.apply({"params": params}, doc_b)
-  np.testing.assert_allclose(packed_logits[:, :9], alone_a, atol=1e-5)
-  np.testing.assert_allclose(packed_logits[:, 9:], alone_b, atol=1e-5)
+def test_packed_rows_equal_documents_run_alone():
+  docs = [np.asarray(jax.random.randint(jax.random.PRNGKey(i), (n,), 4, 97))
+          for i, n in enumerate([8, 5, 11])]
+  stream = packing.Stream(lambda k: docs[k] if k < len(docs) else None, 16, 2, 3)
+  batch = packing.stack_rows([stream.next_row() for _ in range(2)])  # doc 3 spans both rows
+  model, params = init(tiny_model_config(), batch["inputs"])
+  packed, _ = model.apply({"params": params}, batch["inputs"], batch["positions"],
+                          batch["segment_ids"], batch["weights"])
+  for row in range(2):
+    for segment in range(1, batch["segment_ids"][row].max() + 1):
+      piece = batch["segment_ids"][row] == segment
+      alone, _ = model.apply({"params": params}, batch["inputs"][row][piece][None])
+      np.testing.assert_allclose(packed[row][piece], alone[0], atol=1e-5)
 
 
 def test_mixtral_8x7b_parameter_counts():

@@ -94,3 +94,17 @@ def test_load_invalid_file_names_the_path(tmp_path):
   path.write_bytes(b"not a sentencepiece model")
   with pytest.raises(ValueError, match=re.escape(str(path))):
     tokenizer_lib.load_tokenizer(str(path))
+
+
+def test_cli_trains_on_a_glob_and_reports_bad_input_in_one_line(tmp_path, capsys):
+  for i, text in enumerate(CORPUS):
+    (tmp_path / f"doc_{i}.txt").write_text(text)
+  out = tmp_path / "cli.model"
+  assert tokenizer_lib.main(["train", "--files", f"{tmp_path}/*.txt", "--vocab",
+                             str(VOCAB_SIZE), "--out", str(out)]) == 0
+  assert tokenizer_lib.load_tokenizer(str(out)).vocab_size() == VOCAB_SIZE
+  assert tokenizer_lib.main(["train", "--files", f"{tmp_path}/*.md", "--vocab", "320",
+                             "--out", str(tmp_path / "none.model")]) == 1
+  error = capsys.readouterr().err
+  assert re.fullmatch(r"error: --files: '.*\*\.md' matches no files\n", error), error
+  assert not os.path.exists(tmp_path / "none.model")

@@ -24,8 +24,8 @@ def tiny_config(tmp_path, **overrides):
                 eval_every_steps=8, eval_batches=2, warmup_steps=2)
   config.model.update(vocab_size=320, hidden_size=32, intermediate_size=48, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=8, num_experts=4, block_size=16)
-  config.data.update(data_dir=str(tmp_path / "data"), files_root=str(tmp_path / "src"),
-                     eval_fraction=0.25)
+  config.data.update(data_dir=str(tmp_path / "data"), source="files",
+                     files=str(tmp_path / "src" / "*.py"), eval_fraction=0.25)
   os.makedirs(tmp_path / "src", exist_ok=True)
   for i in range(16):
     (tmp_path / "src" / f"module_{i}.py").write_text("".join(
@@ -120,10 +120,13 @@ def test_invalid_config_fails_before_compiling_with_field_name(tmp_path):
       "model.dispatch": dict(dispatch="dense"),
       "model.hidden_size": dict(hidden_size=0),
       "model.num_experts": dict(num_experts=-2),
+      "data.source": dict(source="web"),
+      "data.tfds_name": dict(source="tfds"),
+      "data.num_streams": dict(num_streams=0),
   }
   for field, overrides in cases.items():
     config = tiny_config(tmp_path)
-    config.model.update(overrides)
+    (config.data if field.startswith("data.") else config.model).update(overrides)
     with pytest.raises(config_lib.ConfigError, match=f"^config\\.{field.replace('.', '[.]')}:"):
       config_lib.validate(config)
 
@@ -137,3 +140,14 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
   assert result.stderr.strip().splitlines()[-1] == (
       "error: config.model.experts_per_token: 9 exceeds model.num_experts=8")
   assert not os.path.exists(tmp_path / "run")
+
+
+def test_cli_reports_a_glob_matching_nothing_in_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "mixtral_jax.train", "--config=configs/default.py",
+       f"--workdir={tmp_path / 'run'}", "--config.data.source=files",
+       f"--config.data.files={tmp_path}/corpus/*.txt", f"--config.data.data_dir={tmp_path}"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"error: config.data.files: '{tmp_path}/corpus/*.txt' matches no files")

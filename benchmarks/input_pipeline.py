@@ -1,0 +1,69 @@
+"""Input pipeline batches/s ÷ train steps/s on the default config: is data ever the bottleneck?
+
+The pipeline is measured alone, from a fresh iterator (so the first documents of every stream
+are tokenized inside the timing) through packing to global device arrays; the train step is the
+default config's jitted step on the same batches. Rounds of each alternate in one process.
+Writes its table into benchmarks/README.md.
+"""
+
+import os
+import statistics
+import sys
+import time
+
+import jax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.report import write_section  # noqa: E402
+from configs import default  # noqa: E402
+from mixtral_jax import data as data_lib  # noqa: E402
+from mixtral_jax import sharding, train  # noqa: E402
+
+ROUNDS = 3
+PIPELINE_BATCHES = 200
+TRAIN_STEPS = 5
+
+
+def main():
+  config = default.get_config()
+  mesh = sharding.make_mesh(config.mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  data = data_lib.make_data(config)
+  model = train.build_model(config, mesh)
+  optimizer = train.make_optimizer(config)
+  state = train.init_state(config, model, optimizer, mesh)
+  step = jax.jit(train.make_train_step(config, model, optimizer), donate_argnums=(0,))
+  batches = data.train_iterator()
+  for _ in range(2):  # compile
+    state, metrics = step(state, train.global_batch(next(batches), batch_sharding))
+  jax.block_until_ready(metrics)
+
+  pipeline, steps = [], []
+  for _ in range(ROUNDS):
+    start = time.perf_counter()
+    fresh = data.train_iterator()
+    for _ in range(PIPELINE_BATCHES):
+      jax.block_until_ready(train.global_batch(next(fresh), batch_sharding))
+    pipeline.append(PIPELINE_BATCHES / (time.perf_counter() - start))
+    start = time.perf_counter()
+    for _ in range(TRAIN_STEPS):
+      state, metrics = step(state, train.global_batch(next(batches), batch_sharding))
+      float(metrics["loss"])  # the loop reads each step's metrics, as train.py does
+    steps.append(TRAIN_STEPS / (time.perf_counter() - start))
+
+  batches_per_s, steps_per_s = statistics.median(pipeline), statistics.median(steps)
+  tokens = config.global_batch_size * config.seq_len
+  lines = [f"Default config (batch {config.global_batch_size}×{config.seq_len}, "
+           f"{config.data.source} corpus, {config.data.num_streams} streams), "
+           f"{jax.device_count()} {jax.default_backend()} device(s), median of {ROUNDS} "
+           "alternating rounds.", "",
+           "| | per second | tokens/s |", "|---|---:|---:|",
+           f"| input pipeline alone: batches | {batches_per_s:.1f} | {batches_per_s * tokens:,.0f} |",
+           f"| train steps | {steps_per_s:.2f} | {steps_per_s * tokens:,.0f} |",
+           "", f"**pipeline ÷ train = {batches_per_s / steps_per_s:.0f}** (goal ≥ 10)"]
+  print("\n".join(lines))
+  write_section("input_pipeline", "\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
