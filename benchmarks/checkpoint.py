@@ -37,7 +37,7 @@ def main():
         options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
     for step in range(1, ROUNDS + 1):
       start = time.perf_counter()
-      async_ckpt.maybe_save(step, state, meta, force=True)
+      async_ckpt.save(step, state, meta)
       blocked.append(time.perf_counter() - start)
       async_ckpt.wait()
       completed.append(time.perf_counter() - start)

@@ -46,17 +46,16 @@ def _restore_args(tree) -> ocp.args.StandardRestore:
 
 
 class Checkpointer:
-  """Saves the train state every `every_steps` and at the end; restores the latest one.
+  """Saves train states asynchronously, keeping the last `keep`; restores the latest one.
 
   `save_bytes_in_flight` caps what a save encodes and writes at once (it must exceed the largest
   tensor). Orbax's default, 96 GB, lets one host saving a large model hold nearly a second copy
   of it in write buffers.
   """
 
-  def __init__(self, workdir: str, every_steps: int = 0, keep: int = 1, read_only: bool = False,
+  def __init__(self, workdir: str, keep: int = 1, read_only: bool = False,
                save_bytes_in_flight: Optional[int] = None):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    self.every_steps = every_steps
     if read_only and not os.path.isdir(self.directory):
       raise CheckpointError(f"{self.directory}: no checkpoints directory")
     limit = {"save_concurrent_gb": save_bytes_in_flight / 1e9} if save_bytes_in_flight else {}
@@ -138,14 +137,12 @@ class Checkpointer:
     return self._manager.restore(step, args=ocp.args.Composite(
         params=_restore_args(abstract_params)))["params"]
 
-  def maybe_save(self, step: int, state: Any, meta: dict[str, Any], force: bool = False) -> bool:
-    """Starts an async save at the interval, or when `force`d; returns whether it saved."""
-    if not (force or (self.every_steps and step % self.every_steps == 0)):
-      return False
-    return self._manager.save(step, args=ocp.args.Composite(
+  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    """Starts an async save of `state` and `meta` as checkpoint `step`."""
+    self._manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         train=ocp.args.StandardSave(_train_item(state)), meta=ocp.args.JsonSave(meta)),
-        force=force)
+        force=True)
 
   def save_params(self, step: int, params: Any, meta: dict[str, Any]) -> None:
     """Starts an async save of `params` and `meta` alone (no train state) as checkpoint `step`.

@@ -5,6 +5,7 @@
 """
 
 import json
+import logging as pylogging
 import os
 import time
 from typing import Any, Callable, Optional
@@ -223,8 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   model = build_model(config, mesh)
   optimizer = make_optimizer(config)
   state = init_state(config, model, optimizer, mesh)
-  checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint_every_steps,
-                                             config.keep_checkpoints)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
   start_step, data_state = 0, None
   if checkpointer.latest_step() is not None:
     state, meta = checkpointer.restore(state)
@@ -268,12 +268,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           f"step {step}: loss or gradients were NaN/Inf for {nonfinite_streak} steps in a row "
           f"(config.max_nan_steps={config.max_nan_steps}); stopped without saving, the last "
           f"checkpoint is step {checkpointer.latest_step()}")
-    # Every process joins in gathering the data state, so decide here rather than in the saver.
     if is_last or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0):
-      checkpointer.maybe_save(step, state, {"config": saved_config,
-                                            "data_position": batches.step,
-                                            "data_state": _all_data_states(batches)},
-                              force=True)
+      checkpointer.save(step, state, {"config": saved_config, "data_position": batches.step,
+                                      "data_state": _all_data_states(batches)})
     if step % config.log_every_steps == 0 or is_last or step == start_step + 1:
       logged = _mean_metrics(history)
       elapsed = time.perf_counter() - interval_start
@@ -303,9 +300,15 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Train
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Directory for metrics and checkpoints.")
 
 
+def _only_our_info(record: pylogging.LogRecord) -> bool:
+  """Keeps warnings and our own progress; drops libraries' INFO chatter (Orbax logs every save)."""
+  return record.levelno >= pylogging.WARNING or f"{os.sep}mixtral_jax{os.sep}" in record.pathname
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_only_our_info)
   try:
     config_lib.validate(_CONFIG.value, jax.device_count(), jax.default_backend())
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)

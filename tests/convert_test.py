@@ -267,8 +267,8 @@ config.model.update(hidden_size=384, intermediate_size=384, num_layers=8, num_he
                     head_dim=64)
 state = train.init_state(config, train.build_model(config), train.make_optimizer(config))
 checkpointer = checkpoint.Checkpointer(sys.argv[1])
-checkpointer.maybe_save(1, state, {"config": json.loads(config.to_json_best_effort()),
-                                   "data_position": 1}, force=True)
+checkpointer.save(1, state, {"config": json.loads(config.to_json_best_effort()),
+                             "data_position": 1})
 checkpointer.close()
 print(sum(x.nbytes for x in jax.tree.leaves(state.params)))
 """
