@@ -27,6 +27,7 @@ bench: install
 	$(PY) benchmarks/expert_parallel.py
 	$(PY) benchmarks/checkpoint.py
 	$(PY) benchmarks/input_pipeline.py
+	$(PY) benchmarks/vs_pytorch.py
 
 clean:
 	rm -rf $(VENV) workdir

@@ -18,6 +18,31 @@ def attention_mask(positions_q, positions_k, segment_q, segment_k, sliding_windo
   return mask[:, None, None]
 
 
+def causal_attention(q, k, v, segment_ids, sliding_window: int = 0, query_chunk: int = 0):
+  """Masked softmax attention; q [B, T, K, G, H] (pre-scaled), k, v [B, T, K, H] → like q.
+
+  With `query_chunk` > 0 the queries go in blocks of that many, each scored only against the
+  keys it can see (up to its last query, from its first query's window start): causal masking
+  then skips about half the score FLOPs and memory instead of computing and discarding them.
+  """
+  batch, length = q.shape[:2]
+  chunk = query_chunk or length
+  order = jnp.broadcast_to(jnp.arange(length), (batch, length))
+  outputs = []
+  for start in range(0, length, chunk):
+    end = min(start + chunk, length)
+    first = max(0, start - sliding_window + 1) if sliding_window > 0 else 0
+    scores = jnp.einsum("btkgh,bskh->bkgts", q[:, start:end], k[:, first:end],
+                        preferred_element_type=jnp.float32)  # [B, K, G, c, s]
+    # Sequence order, not `positions`, is causal order: packed documents restart positions.
+    mask = attention_mask(order[:, start:end], order[:, first:end], segment_ids[:, start:end],
+                          segment_ids[:, first:end], sliding_window)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    outputs.append(jnp.einsum("bkgts,bskh->btkgh", probs, v[:, first:end]))
+  return jnp.concatenate(outputs, axis=1)
+
+
 class Attention(nn.Module):
   """GQA: `num_heads` query heads share `num_kv_heads` key/value heads in equal groups."""
   num_heads: int
@@ -26,6 +51,7 @@ class Attention(nn.Module):
   rope_theta: float
   sliding_window: int = 0
   dtype: jnp.dtype = jnp.float32
+  query_chunk: int = 0
 
   def _proj(self, x, heads: int, name: str):
     return nn.DenseGeneral(
@@ -41,16 +67,9 @@ class Attention(nn.Module):
     k = apply_rope(self._proj(x, self.num_kv_heads, "k_proj"), positions, self.rope_theta)
     v = self._proj(x, self.num_kv_heads, "v_proj")  # [B, T, K, H]
     q = q.reshape(batch, length, self.num_kv_heads, groups, self.head_dim)  # [B, T, K, G, H]
-
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (self.head_dim ** -0.5)
-    # Sequence order, not `positions`, is causal order: packed documents restart positions.
-    order = jnp.broadcast_to(jnp.arange(length), (batch, length))
-    mask = attention_mask(order, order, segment_ids, segment_ids, self.sliding_window)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [B, K, G, T, S]
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(batch, length, self.num_heads,
-                                                             self.head_dim)
+    q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)
+    out = causal_attention(q, k, v, segment_ids, self.sliding_window, self.query_chunk)
+    out = out.reshape(batch, length, self.num_heads, self.head_dim)
     return nn.DenseGeneral(
         x.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
         kernel_init=nn.with_logical_partitioning(kernel_init, ("heads", "kv", "embed")),

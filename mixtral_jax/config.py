@@ -48,6 +48,12 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
            f"unknown dtype {model.dtype!r}; expected one of {list(DTYPES)}")
   _require(model.capacity_factor > 0, "model.capacity_factor",
            f"must be positive, got {model.capacity_factor}")
+  _require(isinstance(model.attention_query_chunk, int) and model.attention_query_chunk >= 0,
+           "model.attention_query_chunk",
+           f"must be a non-negative integer (0 = unblocked), got {model.attention_query_chunk!r}")
+  _require(isinstance(model.loss_chunk_tokens, int) and model.loss_chunk_tokens >= 0,
+           "model.loss_chunk_tokens",
+           f"must be a non-negative integer (0 = full logits), got {model.loss_chunk_tokens!r}")
   _require(model.sliding_window >= 0, "model.sliding_window",
            f"must be >= 0 (0 = full causal), got {model.sliding_window}")
   _require(model.rope_theta > 0, "model.rope_theta", f"must be positive, got {model.rope_theta}")

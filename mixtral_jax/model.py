@@ -27,7 +27,8 @@ class DecoderBlock(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     h = RMSNorm(cfg.rms_norm_eps, dtype, name="input_norm")(x)
     h = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
-                  cfg.sliding_window, dtype, name="attention")(h, positions, segment_ids)
+                  cfg.sliding_window, dtype, cfg.attention_query_chunk,
+                  name="attention")(h, positions, segment_ids)
     x = x + h
     h = RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_norm")(x)
     h, stats = MoE(cfg.num_experts, cfg.experts_per_token, cfg.intermediate_size, cfg.dispatch,
@@ -49,8 +50,11 @@ class Mixtral(nn.Module):
   @nn.compact
   def __call__(self, tokens, positions: Optional[jax.Array] = None,
                segment_ids: Optional[jax.Array] = None, token_mask: Optional[jax.Array] = None,
-               deterministic: bool = True):
+               deterministic: bool = True, return_hidden: bool = False):
     """tokens [B, T] → (logits [B, T, V] float32, MoEStats with a leading [L] layer axis).
+
+    `return_hidden` returns the LM head's input [B, T, D] instead of logits, for a loss that
+    applies the head itself (loss.chunked_cross_entropy with params["lm_head"]["kernel"]).
 
     `positions` restart at 0 for each packed document and `segment_ids` keep attention inside
     one; both default to a single document per row. `token_mask` [B, T] excludes padding from
@@ -74,11 +78,13 @@ class Mixtral(nn.Module):
                                                deterministic)
       layer_stats.append(stats)
     x = RMSNorm(cfg.rms_norm_eps, dtype, name="final_norm")(x)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layer_stats)
+    if return_hidden:
+      return x, MoEStats(*stacked)
     logits = nn.DenseGeneral(
         cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
         kernel_init=nn.with_logical_partitioning(kernel_init, ("embed", "vocab")),
         name="lm_head")(x)
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layer_stats)
     return logits.astype(jnp.float32), MoEStats(*stacked)
 
 

@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from mixtral_jax import checkpoint as checkpoint_lib
 from mixtral_jax import config as config_lib
 from mixtral_jax import data as data_lib
+from mixtral_jax import loss as loss_lib
 from mixtral_jax import metrics as metrics_lib
 from mixtral_jax import sharding
 from mixtral_jax import sources
@@ -73,20 +74,21 @@ def init_state(config, model: Mixtral, optimizer: optax.GradientTransformation,
   return jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
 
 
-def cross_entropy(logits, targets, weights):
-  """(Σ weighted token losses, Σ weights) so micro-batches can be combined exactly."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  return jnp.sum(losses * weights), jnp.sum(weights)
-
-
 def make_loss_fn(model: Mixtral, model_config) -> Callable:
   """loss(params, batch, rng) → (total loss, metrics) for one (micro-)batch."""
 
   def loss_fn(params, batch: Batch, rng):
-    logits, stats = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
-                                batch.get("segment_ids"), batch["weights"], deterministic=False,
-                                rngs={"jitter": rng})
-    ce_sum, weight_sum = cross_entropy(logits, batch["targets"], batch["weights"])
+    outputs, stats = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
+                                 batch.get("segment_ids"), batch["weights"], deterministic=False,
+                                 return_hidden=bool(model_config.loss_chunk_tokens),
+                                 rngs={"jitter": rng})
+    if model_config.loss_chunk_tokens:  # outputs: the LM head's input [B, T, D]
+      chunk_length = max(1, model_config.loss_chunk_tokens // batch["inputs"].shape[0])
+      kernel = params["lm_head"]["kernel"].astype(outputs.dtype)
+      ce_sum, weight_sum = loss_lib.chunked_cross_entropy(
+          outputs, kernel, batch["targets"], batch["weights"], chunk_length)
+    else:  # outputs: logits [B, T, V]
+      ce_sum, weight_sum = loss_lib.cross_entropy(outputs, batch["targets"], batch["weights"])
     ce = ce_sum / jnp.maximum(weight_sum, 1.0)
     aux, z = jnp.mean(stats.aux_loss), jnp.mean(stats.z_loss)
     loss = ce + model_config.router_aux_loss_coef * aux + model_config.router_z_loss_coef * z
@@ -139,7 +141,7 @@ def make_eval_step(model: Mixtral) -> Callable:
   def eval_step(params, batch: Batch):
     logits, _ = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
                             batch.get("segment_ids"), batch["weights"])
-    return cross_entropy(logits, batch["targets"], batch["weights"])
+    return loss_lib.cross_entropy(logits, batch["targets"], batch["weights"])
 
   return eval_step
 
