@@ -46,7 +46,8 @@ def _restore_args(tree) -> ocp.args.StandardRestore:
 
 
 class Checkpointer:
-  """Saves train states asynchronously, keeping the last `keep`; restores the latest one.
+  """Saves train states (asynchronously unless told otherwise), keeping the last `keep`;
+  restores the latest one.
 
   `save_bytes_in_flight` caps what a save encodes and writes at once (it must exceed the largest
   tensor). Orbax's default, 96 GB, lets one host saving a large model hold nearly a second copy
@@ -54,7 +55,7 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, keep: int = 1, read_only: bool = False,
-               save_bytes_in_flight: Optional[int] = None):
+               save_bytes_in_flight: Optional[int] = None, asynchronous: bool = True):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     if read_only and not os.path.isdir(self.directory):
       raise CheckpointError(f"{self.directory}: no checkpoints directory")
@@ -65,7 +66,8 @@ class Checkpointer:
                        "train": ocp.StandardCheckpointHandler(**limit),
                        "meta": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=True, cleanup_tmp_directories=True,
+            max_to_keep=keep, enable_async_checkpointing=asynchronous,
+            cleanup_tmp_directories=True,
             read_only=read_only, create=not read_only))
 
   def all_steps(self) -> list[int]:
