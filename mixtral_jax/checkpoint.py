@@ -90,13 +90,9 @@ class Checkpointer:
       raise CheckpointError(f"{self._step_dir(step)} is not a readable mixtral_jax checkpoint "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
-  def _has_train_state(self, step: int) -> bool:
-    return self._manager.item_metadata(step).get("train") is not None
-
-  def _check_shapes(self, step: int, meta: dict, targets: dict[str, Any]) -> None:
+  def _check_shapes(self, step: int, meta: dict, metadata, targets: dict[str, Any]) -> None:
     """Raises CheckpointError naming the first tensor of `targets` whose saved shape differs."""
     try:
-      metadata = self._manager.item_metadata(step)
       saved = _shapes({item: metadata[item] for item in targets})
     except Exception as e:
       raise CheckpointError(f"{self._step_dir(step)} holds no readable {' and '.join(targets)} "
@@ -117,13 +113,14 @@ class Checkpointer:
     """
     step = self.latest_step() if step is None else step
     meta = self.meta(step)
+    metadata = self._manager.item_metadata(step)  # read once: it lists and shapes every item
     targets = {"params": template_state.params}
-    if self._has_train_state(step):
+    if metadata.get("train") is not None:
       targets["train"] = _train_item(template_state)
     elif any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(template_state)):
       raise CheckpointError(f"{self._step_dir(step)} holds parameters only: restore it into a "
                             f"freshly initialised state, not an abstract one")
-    self._check_shapes(step, meta, targets)
+    self._check_shapes(step, meta, metadata, targets)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         **{item: _restore_args(target) for item, target in targets.items()}))
     return template_state.replace(params=restored["params"], **restored.get("train", {})), meta
@@ -135,7 +132,8 @@ class Checkpointer:
     first parameter whose saved shape differs.
     """
     step = self.latest_step() if step is None else step
-    self._check_shapes(step, self.meta(step), {"params": abstract_params})
+    self._check_shapes(step, self.meta(step), self._manager.item_metadata(step),
+                       {"params": abstract_params})
     return self._manager.restore(step, args=ocp.args.Composite(
         params=_restore_args(abstract_params)))["params"]
 

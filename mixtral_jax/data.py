@@ -200,7 +200,8 @@ def _cached_entropy(corpus: sources.Corpus, tokenizer: spm.SentencePieceProcesso
   tokenizer_id = tokenizer_lib.model_id(tokenizer)
   path = os.path.join(data_dir, "stats", f"{corpus.name}-tok{tokenizer_id}.json")
   if os.path.exists(path):
-    return json.load(open(path))["unigram_entropy"]
+    with open(path) as f:
+      return json.load(f)["unigram_entropy"]
   with _timed("Measuring the unigram entropy"):
     entropy = _sample_entropy(corpus, tokenizer)
   tokenizer_lib.write_atomically(path, json.dumps({"unigram_entropy": entropy}).encode())
