@@ -46,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_nan_steps = 5
   # Split each global batch into this many micro-batches and sum their gradients.
   config.grad_accum_steps = 1
+  # On CPU, keep XLA's per-step scratch memory mapped between steps instead of page-faulting it
+  # in every step (mixtral_jax/cpu_runtime.py); applied by mixtral-train at startup.
+  config.cpu_reuse_step_memory = True
 
   config.model = model = ml_collections.ConfigDict()
   # Tokenizer vocabulary size (the SentencePiece model must match).

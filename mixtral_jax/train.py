@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 
 from mixtral_jax import checkpoint as checkpoint_lib
 from mixtral_jax import config as config_lib
+from mixtral_jax import cpu_runtime
 from mixtral_jax import data as data_lib
 from mixtral_jax import loss as loss_lib
 from mixtral_jax import metrics as metrics_lib
@@ -311,6 +312,8 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_only_our_info)
+  if _CONFIG.value.get("cpu_reuse_step_memory", False):  # before JAX creates its CPU client
+    cpu_runtime.reuse_step_memory()
   try:
     config_lib.validate(_CONFIG.value, jax.device_count(), jax.default_backend())
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
