@@ -14,6 +14,10 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	touch $@
+
 install: $(VENV)/.installed
 
 train: install
@@ -22,12 +26,15 @@ train: install
 test: install
 	$(PY) -m pytest -q tests
 
-bench: install
+bench: $(VENV)/.bench-installed
 	$(PY) benchmarks/moe_layer.py
+	$(PY) benchmarks/moe_step.py
 	$(PY) benchmarks/expert_parallel.py
 	$(PY) benchmarks/checkpoint.py
 	$(PY) benchmarks/input_pipeline.py
 	$(PY) benchmarks/vs_pytorch.py
+	$(PY) benchmarks/scaling.py
+	$(PY) benchmarks/compile_time.py
 
 clean:
 	rm -rf $(VENV) workdir

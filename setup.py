@@ -27,6 +27,8 @@ setup(
         # torch pinned: this exact CPU wheel is on the project's machines; a bare "torch"
         # would pull a multi-GB CUDA build.
         "dev": ["pytest>=8.0", "torch==2.13.0", "transformers>=4.46"],
+        # `make bench` only: the scaling plots.
+        "bench": ["matplotlib>=3.8"],
     },
     entry_points={
         "console_scripts": ["mixtral-train=mixtral_jax.train:run",

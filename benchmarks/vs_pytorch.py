@@ -11,10 +11,17 @@ cross-entropies are equal at step 1 and must stay close. (The aux losses are eac
 own: HF averages router load and probability over all layers before multiplying them, we
 multiply per layer, so the two values and their gradients differ a little.)
 
-Every variant is compiled / warmed up first; then rounds of `--steps` steps of each alternate,
-so machine load affects them alike. Reported: median tokens/s over rounds, ours ÷ each PyTorch
-variant, the loss after the same steps, process CPU seconds per step (user + sys: load inflates
-it less than wall time), and MFU = model FLOPs (`model_flops_per_token`) ÷ step time ÷ the
+Each variant runs in its own worker process, so neither framework's threads, allocator
+settings or heap touch the other's steps (in one shared process our step ran ~15% slower after
+PyTorch steps, and PyTorch got our malloc settings); ours applies
+`cpu_runtime.reuse_step_memory()` as `mixtral-train` does. PyTorch runs as it ships, and
+again with the same malloc settings (`+ mallopt`): without them its steps page-fault their
+large activations in afresh too, and a PyTorch user can apply them (or jemalloc) just as well,
+so the headline ratio is against the fastest PyTorch variant of all four. Every
+variant is compiled / warmed up first; then rounds of `--steps` steps of each alternate (one
+process computes at a time), so machine load affects them alike. Reported: median tokens/s over rounds, ours ÷ each PyTorch
+variant, the loss after the same steps, the worker's CPU seconds per step (user + sys: load
+inflates it less than wall time), and MFU = model FLOPs (`model_flops_per_token`) ÷ step time ÷ the
 peak of a float32 2048³ matmul measured in the same run (best of all rounds).
 
 PyTorch's OpenMP threads busy-wait by default; on a shared machine a spinning thread whose
@@ -26,6 +33,7 @@ Run: `python benchmarks/vs_pytorch.py [--rounds R] [--steps N] [--no-write]`.
 """
 
 import argparse
+import multiprocessing
 import os
 import resource
 import statistics
@@ -41,79 +49,13 @@ import torch  # noqa: E402
 from transformers import MixtralConfig, MixtralForCausalLM  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.reference import (PEAK_SIZE, Ours, make_batches, model_flops_per_token,  # noqa: E402
+                                  peak_matmul_seconds, reference_config)
 from benchmarks.report import write_section  # noqa: E402
-from configs import default  # noqa: E402
-from mixtral_jax import convert, train  # noqa: E402
+from mixtral_jax import convert, cpu_runtime, train  # noqa: E402
 from mixtral_jax.optimizer import learning_rate_schedule  # noqa: E402
 
 HF_EXPERTS = ("grouped_mm", "eager")
-PEAK_SIZE = 2048
-
-
-def reference_config(steps: int):
-  """The default config resized to issue 7's reference model and batch."""
-  config = default.get_config()
-  config.global_batch_size, config.seq_len = 16, 256
-  # A near-constant learning rate over the few steps run (no warmup: losses move from step 1).
-  config.num_train_steps, config.warmup_steps = max(1000, steps), 0
-  m = config.model
-  m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = 8000, 256, 512, 4
-  m.num_heads, m.num_kv_heads, m.head_dim = 8, 2, 32
-  m.num_experts, m.experts_per_token = 8, 2
-  m.dispatch, m.grouped_matmul, m.dtype, m.remat = "dropless", "auto", "float32", False
-  # HF Mixtral has no router z-loss: leave it out so that both optimise the same objective.
-  m.router_z_loss_coef = 0.0
-  return config
-
-
-def model_flops_per_token(m, seq_len: int) -> float:
-  """Training FLOPs per token: 6 × active matmul parameters + causal attention scores.
-
-  Matmul parameters are q, k, v, o, the router, k of the E experts (3 matrices each) and the LM
-  head; the embedding is a gather, not a matmul. Attention's QKᵀ and PV cost 2 · 2 · S · H · hd
-  forward per token and layer over S keys, × 3 with the backward; causal averages S = T / 2.
-  """
-  d, hd = m.hidden_size, m.head_dim
-  attention = d * (2 * m.num_heads + 2 * m.num_kv_heads) * hd
-  experts = m.experts_per_token * 3 * d * m.intermediate_size
-  per_layer = attention + d * m.num_experts + experts
-  matmul_params = m.num_layers * per_layer + d * m.vocab_size
-  causal_attention = 3 * 2 * 2 * (seq_len / 2) * m.num_heads * hd * m.num_layers
-  return 6 * matmul_params + causal_attention
-
-
-def make_batches(num: int, batch: int, seq_len: int, vocab: int, seed: int = 0) -> list[dict]:
-  """Fixed next-token batches of a Zipf-distributed token stream, one document per row."""
-  rng = np.random.default_rng(seed)
-  batches = []
-  for _ in range(num):
-    stream = np.minimum(rng.zipf(1.2, size=(batch, seq_len + 1)), vocab - 1).astype(np.int32)
-    batches.append({
-        "inputs": stream[:, :-1], "targets": stream[:, 1:],
-        "weights": np.ones((batch, seq_len), np.float32),
-        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
-        "segment_ids": np.ones((batch, seq_len), np.int32)})
-  return batches
-
-
-class Ours:
-  """Our jitted train step, as mixtral_jax/train.py builds it (state donated)."""
-
-  def __init__(self, config):
-    self.model = train.build_model(config)
-    optimizer = train.make_optimizer(config)
-    self.state = train.init_state(config, self.model, optimizer)
-    self.step_fn = jax.jit(train.make_train_step(config, self.model, optimizer),
-                           donate_argnums=(0,))
-
-  def params_numpy(self):
-    """Host copies of the parameters (call before the first step: the state is donated)."""
-    return jax.tree.map(np.asarray, self.state.params)
-
-  def step(self, batch) -> tuple[float, float]:
-    """One train step → (cross-entropy, aux loss) of the batch before the update."""
-    self.state, metrics = self.step_fn(self.state, batch)
-    return float(metrics["ce_loss"]), float(metrics["aux_loss"])
 
 
 def hf_state_dict(params, m) -> dict:
@@ -179,13 +121,56 @@ def _cpu_seconds() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
-def peak_matmul_seconds(fn, a, repeats: int = 3) -> float:
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(a, a))
-    best = min(best, time.perf_counter() - start)
-  return best
+def _serve(variant: str, total_steps: int, args, params, conn) -> None:
+  """Worker process: builds one variant, then runs the steps and measurements asked for."""
+  config = reference_config(total_steps)
+  batches = make_batches(total_steps, config.global_batch_size, config.seq_len,
+                         config.model.vocab_size)
+  if variant == "ours":
+    if not args.plain_malloc:
+      cpu_runtime.reuse_step_memory()  # before the first JAX computation
+    trainer = Ours(config)
+    conn.send(trainer.params_numpy())
+    batches = [jax.device_put(b) for b in batches]
+    matmul = jax.jit(lambda a, b: a @ b)
+    square = jnp.ones((PEAK_SIZE, PEAK_SIZE), jnp.float32)
+  else:
+    experts_implementation, _, tuned = variant.partition("+")
+    if tuned:  # PyTorch allocates on the calling thread: the malloc settings are enough
+      cpu_runtime.reuse_step_memory()
+    torch.set_num_threads(args.threads)
+    trainer = HF(config, params, experts_implementation)
+  while True:
+    command, *rest = conn.recv()
+    if command == "stop":
+      return
+    if command == "peak":
+      conn.send(peak_matmul_seconds(matmul, square))
+      continue
+    first, count = rest
+    cpu_start, start = _cpu_seconds(), time.perf_counter()
+    losses = [trainer.step(batches[i]) for i in range(first, first + count)]
+    conn.send((losses, (time.perf_counter() - start) / count,
+               (_cpu_seconds() - cpu_start) / count))
+
+
+class Worker:
+  """One variant in a spawned process; `ask` sends a command and waits for its answer."""
+
+  def __init__(self, variant: str, total_steps: int, args, params=None):
+    context = multiprocessing.get_context("spawn")
+    self.conn, child = context.Pipe()
+    self.process = context.Process(target=_serve, args=(variant, total_steps, args, params,
+                                                        child), daemon=True)
+    self.process.start()
+
+  def ask(self, *command):
+    self.conn.send(command)
+    return self.conn.recv()
+
+  def stop(self):
+    self.conn.send(("stop",))
+    self.process.join()
 
 
 def main():
@@ -194,51 +179,48 @@ def main():
   parser.add_argument("--steps", type=int, default=2, help="steps of each variant per round")
   parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
   parser.add_argument("--no-write", action="store_true", help="print only; leave README alone")
+  parser.add_argument("--plain-malloc", action="store_true",
+                      help="ours without cpu_runtime.reuse_step_memory (mixtral-train applies it)")
   args = parser.parse_args()
-  torch.set_num_threads(args.threads)
 
   total_steps = 1 + args.rounds * args.steps  # one warm-up (compile) step each
   config = reference_config(total_steps)
   m = config.model
   tokens_per_step = config.global_batch_size * config.seq_len
-  host_batches = make_batches(total_steps, config.global_batch_size, config.seq_len,
-                              m.vocab_size)
-  device_batches = [jax.device_put(b) for b in host_batches]
-
-  ours = Ours(config)
-  params = ours.params_numpy()
-  variants = {"ours (JAX)": (ours, device_batches)}
+  ours_name = "ours (JAX)"
+  workers = {ours_name: Worker("ours", total_steps, args)}
+  params = workers[ours_name].conn.recv()  # the initial parameters, for PyTorch too
   for name in HF_EXPERTS:
-    variants[f"HF {name}"] = (HF(config, params, name), host_batches)
-  losses = {name: [] for name in variants}
-  seconds = {name: [] for name in variants}
-  cpu = {name: [] for name in variants}  # process CPU seconds per step: less load-sensitive
-  for name, (trainer, batches) in variants.items():  # compile / warm up on batch 0
+    workers[f"HF {name}"] = Worker(name, total_steps, args, params)
+  for name in HF_EXPERTS:
+    workers[f"HF {name} + mallopt"] = Worker(f"{name}+mallopt", total_steps, args, params)
+  losses = {name: [] for name in workers}
+  seconds = {name: [] for name in workers}
+  cpu = {name: [] for name in workers}  # worker CPU seconds per step: less load-sensitive
+  for name, worker in workers.items():  # compile / warm up on batch 0, one at a time
     start = time.perf_counter()
-    losses[name].append(trainer.step(batches[0]))
+    losses[name] += worker.ask("steps", 0, 1)[0]
     print(f"{name}: first step (compile, warm-up) {time.perf_counter() - start:.1f} s", flush=True)
 
-  matmul = jax.jit(lambda a, b: a @ b)
-  square = jnp.ones((PEAK_SIZE, PEAK_SIZE), jnp.float32)
-  peak_seconds = peak_matmul_seconds(matmul, square)
+  peak_seconds = workers[ours_name].ask("peak")
   for r in range(args.rounds):
     first = 1 + r * args.steps
-    for name, (trainer, batches) in variants.items():
-      cpu_start, start = _cpu_seconds(), time.perf_counter()
-      for i in range(first, first + args.steps):
-        losses[name].append(trainer.step(batches[i]))
-      seconds[name].append((time.perf_counter() - start) / args.steps)
-      cpu[name].append((_cpu_seconds() - cpu_start) / args.steps)
-    peak_seconds = min(peak_seconds, peak_matmul_seconds(matmul, square))
+    for name, worker in workers.items():
+      step_losses, step_seconds, step_cpu = worker.ask("steps", first, args.steps)
+      losses[name] += step_losses
+      seconds[name].append(step_seconds)
+      cpu[name].append(step_cpu)
+    peak_seconds = min(peak_seconds, workers[ours_name].ask("peak"))
     print(f"round {r + 1}/{args.rounds}: " + ", ".join(
-        f"{name} {tokens_per_step / seconds[name][-1]:,.0f} tok/s" for name in variants),
+        f"{name} {tokens_per_step / seconds[name][-1]:,.0f} tok/s" for name in workers),
         flush=True)
+  for worker in workers.values():
+    worker.stop()
 
   peak = 2 * PEAK_SIZE ** 3 / peak_seconds
   flops_per_step = model_flops_per_token(m, config.seq_len) * tokens_per_step
   tps = {name: tokens_per_step / statistics.median(s) for name, s in seconds.items()}
-  best_hf = max(tps[f"HF {name}"] for name in HF_EXPERTS)
-  ours_name = next(iter(variants))
+  best_hf = max(tps[name] for name in workers if name != ours_name)
   ce0, _ = losses[ours_name][0]
   lines = [
       f"Issue 7 reference config (vocab {m.vocab_size}, hidden {m.hidden_size}, expert "
@@ -247,19 +229,22 @@ def main():
       f"{config.global_batch_size}×{config.seq_len}, AdamW, f32), 1 CPU device, torch "
       f"{torch.__version__} with {args.threads} threads, JAX {jax.__version__}. Median of "
       f"{args.rounds} alternating rounds of {args.steps} steps each, after one warm-up step; "
-      f"all start from the same parameters and see the same {total_steps} batches.", "",
+      f"all start from the same parameters and see the same {total_steps} batches. "
+      f"Each variant in its own process; ours "
+      + ("without `cpu_runtime.reuse_step_memory()` (`--plain-malloc`)." if args.plain_malloc
+         else "with `cpu_runtime.reuse_step_memory()`, as `mixtral-train` runs."), "",
       f"Model FLOPs {flops_per_step / tokens_per_step / 1e6:.1f} M/token; peak f32 matmul "
       f"({PEAK_SIZE}³, jitted, best in run) {peak / 1e9:.0f} GFLOP/s.", "",
       "| variant | tokens/s | ours ÷ this | MFU | CPU s/step | CE at step 1 | "
       "CE after last step | aux loss after last step |",
       "|---|---:|---:|---:|---:|---:|---:|---:|"]
-  for name in variants:
+  for name in workers:
     ce, aux = losses[name][-1]
     mfu = flops_per_step / statistics.median(seconds[name]) / peak
     lines.append(f"| {name} | {tps[name]:,.0f} | {tps[ours_name] / tps[name]:.2f} | "
                  f"{mfu:.1%} | {statistics.median(cpu[name]):.2f} | {losses[name][0][0]:.4f} | "
                  f"{ce:.4f} | {aux:.4f} |")
-  max_gap = max(abs(a[0] - b[0]) for name in variants if name != ours_name
+  max_gap = max(abs(a[0] - b[0]) for name in workers if name != ours_name
                 for a, b in zip(losses[ours_name], losses[name]))
   lines += ["", f"**ours ÷ faster PyTorch = {tps[ours_name] / best_hf:.2f}** (goal ≥ 1.3); "
             f"**MFU {flops_per_step / statistics.median(seconds[ours_name]) / peak:.1%}** "
