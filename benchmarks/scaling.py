@@ -54,9 +54,7 @@ class Variant:
     self.grad()
 
   def step(self) -> float:
-    start = time.perf_counter()
-    self.trainer.step(self.batch)
-    return time.perf_counter() - start
+    return self.trainer.timed_step(self.batch)
 
   def grad(self) -> float:
     start = time.perf_counter()
@@ -108,14 +106,12 @@ def main():
   by_seq = {t: Variant(seq_len_config(t)) for t in SEQ_LENS}
   by_experts = {e: (by_seq[256] if e == 8 else Variant(experts_config(e))) for e in NUM_EXPERTS}
   variants = list(by_seq.values()) + [v for e, v in by_experts.items() if e != 8]
-  matmul = jax.jit(lambda a, b: a @ b)
-  square = jnp.ones((PEAK_SIZE, PEAK_SIZE), jnp.float32)
-  peak_s = peak_matmul_seconds(matmul, square)
+  peak_s = peak_matmul_seconds()
   for r in range(args.rounds):
     for v in variants:
       v.step_s.append(v.step())
       v.grad_s.append(v.grad())
-    peak_s = min(peak_s, peak_matmul_seconds(matmul, square))
+    peak_s = min(peak_s, peak_matmul_seconds())
     print(f"round {r + 1}/{args.rounds}", flush=True)
   peak = 2 * PEAK_SIZE ** 3 / peak_s
 
@@ -137,8 +133,8 @@ def main():
   step8 = statistics.median(base.step_s)
   grad8 = statistics.median(base.grad_s)
   experts_lines = [
-      f"Reference config (batch 16×256, k=2) with E experts per layer, same run and rounds as "
-      f"above. Active FLOPs per token are the same for every E.", "",
+      "Reference config (batch 16×256, k=2) with E experts per layer, same run and rounds as "
+      "above. Active FLOPs per token are the same for every E.", "",
       "| E | parameters (M) | train step ms | ÷ E=8 | fwd+bwd ms | ÷ E=8 | tokens/s |",
       "|---|---:|---:|---:|---:|---:|---:|"]
   for e, v in by_experts.items():
