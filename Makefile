@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 WORKDIR ?= workdir/default
 # Extra flags for train, e.g. make train ARGS="--config.num_train_steps=100"
 ARGS ?=
+# Test worker processes: one per core (up to 4). Much of a test is single-threaded (XLA
+# compiles, subprocess start-up), so two workers on two cores halve the suite's time.
+TEST_WORKERS ?= --numprocesses=auto --maxprocesses=4
 
 .PHONY: install train test bench clean
 
@@ -24,7 +27,7 @@ train: install
 	$(PY) -m mixtral_jax.train --config=configs/default.py --workdir=$(WORKDIR) $(ARGS)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(TEST_WORKERS) tests
 
 bench: $(VENV)/.bench-installed
 	$(PY) benchmarks/moe_layer.py

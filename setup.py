@@ -26,7 +26,7 @@ setup(
     extras_require={
         # torch pinned: this exact CPU wheel is on the project's machines; a bare "torch"
         # would pull a multi-GB CUDA build.
-        "dev": ["pytest>=8.0", "torch==2.13.0", "transformers>=4.46"],
+        "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=4.46"],
         # `make bench` only: the scaling plots.
         "bench": ["matplotlib>=3.8"],
     },

@@ -2,6 +2,7 @@
 
 Compiled programs are cached on disk for the session (and the CLI runs it starts): many tests
 compile the same tiny train steps, and a cache hit skips XLA's compile, not any computation.
+pytest-xdist workers inherit the directory from the controlling process, which removes it.
 """
 
 import os
