@@ -76,7 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Grouped matmul for dropless: "blocked" (fast on CPU), "ragged_dot" (GPU/TPU), "auto".
   model.grouped_matmul = "auto"
   # Rows per block of the dropless layout; each expert's group is padded to a multiple of it.
-  model.block_size = 128
+  # Larger blocks pad more but run faster matmuls: on CPU 256 measured 0.96× the step time of 128.
+  model.block_size = 256
   # Expert-parallel token exchange for dropless: "padded" (any backend) or "ragged" (GPU/TPU).
   model.all_to_all = "padded"
   # Weight of the Switch load-balancing loss (balanced routing gives experts_per_token).

@@ -70,8 +70,6 @@ def apply_experts(rows, gate_up, down, matmul: str, layout: Optional[Layout] = N
                .reshape(num_rows, 2, inter))
     return grouped_matmul.ragged_matmul(h, down, layout.group_sizes)
   blocks = rows.reshape(-1, layout.block_size, hidden)  # [nb, B, D]
-  h = grouped_matmul.blocked_matmul(blocks, gate_up, layout.block_expert,
+  y = grouped_matmul.blocked_swiglu(blocks, gate_up, down, layout.block_expert,
                                     layout.num_active_blocks)
-  h = swiglu(h.reshape(blocks.shape[:2] + (2, inter)))
-  y = grouped_matmul.blocked_matmul(h, down, layout.block_expert, layout.num_active_blocks)
   return y.reshape(num_rows, hidden)

@@ -1,8 +1,10 @@
 """Grouped matmuls: rows of a buffer, grouped by expert, times that expert's weight matrix.
 
-- `blocked_matmul`: rows come in blocks that each belong to one group; a loop runs one dense
-  matmul per *used* block and skips the padded tail. Measured on CPU it runs at batched-einsum
-  speed, where `jax.lax.ragged_dot` lowers to a masked dense dot (G× the FLOPs).
+- `blocked_swiglu`: rows come in blocks that each belong to one group; a loop runs a whole
+  SwiGLU expert (two dense matmuls and the activation) per *used* block and skips the padded
+  tail. On CPU this is the fast path, where `jax.lax.ragged_dot` lowers to a masked dense dot
+  (G× the FLOPs); fusing the expert per block measured 0.96× the time of one blocked loop per
+  matmul with the activation between them.
 - `ragged_matmul`: `jax.lax.ragged_dot`, the native grouped matmul on GPU/TPU.
 - `batched_matmul`: every group has the same number of rows (the capacity buffer).
 """
@@ -43,44 +45,83 @@ def _typed_like(cotangent, primal):
   return cotangent
 
 
-def _blocked_forward(x, w, block_group, num_active_blocks):
-  def body(i, out):
-    y = jnp.dot(x[i], w[block_group[i]], preferred_element_type=jnp.float32)
-    return out.at[i].set(y.astype(out.dtype))
-  out = _zeros(x.shape[:2] + w.shape[2:], x.dtype, x, w, block_group, num_active_blocks)
-  return jax.lax.fori_loop(0, num_active_blocks, body, out)  # [nb, B, N]
+def _split_gate_up(gate_up, inter: int):
+  """[B, 2I] → (gate, up) [B, I] each, in float32."""
+  gate_up = gate_up.astype(jnp.float32).reshape(-1, 2, inter)
+  return gate_up[:, 0], gate_up[:, 1]
+
+
+def _swiglu_block(x, gate_up, down, dtype):
+  """One block through one expert → (gate_up pre-activations [B, 2I], output [B, D])."""
+  inter = down.shape[0]
+  pre = jnp.dot(x, gate_up, preferred_element_type=jnp.float32).astype(dtype)
+  gate, up = _split_gate_up(pre, inter)
+  h = (jax.nn.silu(gate) * up).astype(dtype)
+  return pre, jnp.dot(h, down, preferred_element_type=jnp.float32).astype(dtype)
+
+
+def _blocked_swiglu_forward(x, gate_up, down, block_group, num_active_blocks):
+  def body(i, carry):
+    pre, out = carry
+    g = block_group[i]
+    pre_i, out_i = _swiglu_block(x[i], gate_up[g], down[g], x.dtype)
+    return pre.at[i].set(pre_i), out.at[i].set(out_i)
+
+  refs = (x, gate_up, down, block_group, num_active_blocks)
+  init = (_zeros(x.shape[:2] + gate_up.shape[2:], x.dtype, *refs),
+          _zeros(x.shape, x.dtype, *refs))
+  return jax.lax.fori_loop(0, num_active_blocks, body, init)  # [nb, B, 2I], [nb, B, D]
 
 
 @jax.custom_vjp
-def blocked_matmul(x, w, block_group, num_active_blocks):
-  """x [nb, B, K] @ w[block_group[i]] [K, N] for blocks i < num_active_blocks; others are 0."""
-  return _blocked_forward(x, w, block_group, num_active_blocks)
+def blocked_swiglu(x, gate_up, down, block_group, num_active_blocks):
+  """SwiGLU experts on blocks: silu(x[i] W1) * (x[i] W3) @ W2 with block i's expert's weights.
+
+  x [nb, B, D]; gate_up [G, D, 2I] (W1 and W3 side by side); down [G, I, D]; block_group [nb].
+  Blocks i >= num_active_blocks are skipped and give zeros. Each block runs both matmuls and
+  the activation while its rows are in cache, and the backward pass does the same per block.
+  """
+  return _blocked_swiglu_forward(x, gate_up, down, block_group, num_active_blocks)[1]
 
 
-def _blocked_fwd(x, w, block_group, num_active_blocks):
-  return _blocked_forward(x, w, block_group, num_active_blocks), (x, w, block_group,
-                                                                  num_active_blocks)
+def _blocked_swiglu_fwd(x, gate_up, down, block_group, num_active_blocks):
+  pre, out = _blocked_swiglu_forward(x, gate_up, down, block_group, num_active_blocks)
+  return out, (x, gate_up, down, block_group, num_active_blocks, pre)
 
 
-def _blocked_bwd(residuals, dy):
-  x, w, block_group, num_active_blocks = residuals
+def _blocked_swiglu_bwd(residuals, dy):
+  x, gate_up, down, block_group, num_active_blocks, pre = residuals
+  inter = down.shape[1]
 
   def body(i, carry):
-    dx, dw = carry
+    dx, dgate_up, ddown = carry
     g = block_group[i]
-    dx = dx.at[i].set(jnp.dot(dy[i], w[g].T, preferred_element_type=jnp.float32).astype(dx.dtype))
-    # Accumulate weight gradients in float32 across the blocks of a group.
-    dw_g = jax.lax.dynamic_index_in_dim(dw, g, keepdims=False)
-    dw_g = dw_g + jnp.dot(x[i].T, dy[i], preferred_element_type=jnp.float32)
-    return dx, jax.lax.dynamic_update_index_in_dim(dw, dw_g, g, 0)
+    gate, up = _split_gate_up(pre[i], inter)
+    sig = jax.nn.sigmoid(gate)
+    silu = gate * sig
+    h = (silu * up).astype(x.dtype)
+    dh = jnp.dot(dy[i], down[g].T, preferred_element_type=jnp.float32)  # [B, I]
+    # d silu(g) / dg = sigmoid(g) · (1 + g · (1 − sigmoid(g))).
+    dgate = dh * up * sig * (1.0 + gate * (1.0 - sig))
+    dpre = jnp.stack([dgate, dh * silu], axis=1).reshape(dh.shape[0], -1).astype(x.dtype)
+    dx = dx.at[i].set(
+        jnp.dot(dpre, gate_up[g].T, preferred_element_type=jnp.float32).astype(dx.dtype))
+    # Weight gradients accumulate in float32 across the blocks of a group.
+    add = lambda acc, update: jax.lax.dynamic_update_index_in_dim(
+        acc, jax.lax.dynamic_index_in_dim(acc, g, keepdims=False) + update, g, 0)
+    dgate_up = add(dgate_up, jnp.dot(x[i].T, dpre, preferred_element_type=jnp.float32))
+    ddown = add(ddown, jnp.dot(h.T, dy[i], preferred_element_type=jnp.float32))
+    return dx, dgate_up, ddown
 
-  refs = (x, w, dy, block_group, num_active_blocks)
-  init = (_zeros(x.shape, x.dtype, *refs), _zeros(w.shape, jnp.float32, *refs))
-  dx, dw = jax.lax.fori_loop(0, num_active_blocks, body, init)
-  return _typed_like(dx, x), _typed_like(dw.astype(w.dtype), w), None, None
+  refs = (x, gate_up, down, dy, block_group, num_active_blocks)
+  init = (_zeros(x.shape, x.dtype, *refs), _zeros(gate_up.shape, jnp.float32, *refs),
+          _zeros(down.shape, jnp.float32, *refs))
+  dx, dgate_up, ddown = jax.lax.fori_loop(0, num_active_blocks, body, init)
+  return (_typed_like(dx, x), _typed_like(dgate_up.astype(gate_up.dtype), gate_up),
+          _typed_like(ddown.astype(down.dtype), down), None, None)
 
 
-blocked_matmul.defvjp(_blocked_fwd, _blocked_bwd)
+blocked_swiglu.defvjp(_blocked_swiglu_fwd, _blocked_swiglu_bwd)
 
 
 def ragged_matmul(x, w, group_sizes):

@@ -50,7 +50,7 @@ class MoE(nn.Module):
   intermediate_size: int
   dispatch: str = "dropless"
   capacity_factor: float = 1.25
-  block_size: int = 128
+  block_size: int = 256
   grouped_matmul: str = "blocked"
   router_jitter_noise: float = 0.0
   dtype: jnp.dtype = jnp.float32

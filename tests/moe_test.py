@@ -122,24 +122,33 @@ def test_dropless_layout_skips_padding_slots():
 
 
 @pytest.mark.parametrize("num_active", [0, 3, 5])
-def test_blocked_matmul_matches_per_block_reference(num_active):
+def test_blocked_swiglu_matches_per_block_reference(num_active):
   rng = np.random.default_rng(1)
-  x = jnp.asarray(rng.normal(size=(5, 4, 6)), jnp.float32)  # [nb, B, K]
-  w = jnp.asarray(rng.normal(size=(3, 6, 7)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(5, 4, 6)), jnp.float32)  # [nb, B, D]
+  gate_up = jnp.asarray(rng.normal(size=(3, 6, 2 * 7)), jnp.float32)  # [G, D, 2I]
+  down = jnp.asarray(rng.normal(size=(3, 7, 6)), jnp.float32)  # [G, I, D]
   block_group = jnp.array([0, 0, 2, 1, 2], jnp.int32)
   active = jnp.int32(num_active)
-  out = grouped_matmul.blocked_matmul(x, w, block_group, active)
-  expected = np.stack([np.asarray(x[i] @ w[block_group[i]]) if i < num_active
-                       else np.zeros((4, 7)) for i in range(5)])
-  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
-  def reference(x, w):
-    y = jnp.einsum("nbk,nkf->nbf", x, w[block_group])
+  def reference(x, gate_up, down):
+    h = swiglu(jnp.einsum("nbd,ndf->nbf", x, gate_up[block_group]).reshape(5, 4, 2, 7))
+    y = jnp.einsum("nbi,nid->nbd", h, down[block_group])
     return y * (jnp.arange(5) < num_active)[:, None, None]
-  cotangent = jnp.asarray(rng.normal(size=(5, 4, 7)), jnp.float32)
-  loss = lambda f: lambda x, w: jnp.sum(f(x, w) * cotangent)
-  got = jax.grad(loss(lambda x, w: grouped_matmul.blocked_matmul(x, w, block_group, active)),
-                 argnums=(0, 1))(x, w)
-  want = jax.grad(loss(reference), argnums=(0, 1))(x, w)
+
+  fused = lambda x, gate_up, down: grouped_matmul.blocked_swiglu(x, gate_up, down, block_group,
+                                                                 active)
+  np.testing.assert_allclose(fused(x, gate_up, down), reference(x, gate_up, down),
+                             rtol=1e-5, atol=1e-5)
+  assert not np.any(np.asarray(fused(x, gate_up, down))[num_active:])
+  cotangent = jnp.asarray(rng.normal(size=(5, 4, 6)), jnp.float32)
+  loss = lambda f: lambda *args: jnp.sum(f(*args) * cotangent)
+  got = jax.grad(loss(fused), argnums=(0, 1, 2))(x, gate_up, down)
+  want = jax.grad(loss(reference), argnums=(0, 1, 2))(x, gate_up, down)
   for g, e in zip(got, want):
-    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+  # bfloat16 compute: gradients come back in the weights' dtype and near the float32 ones.
+  bf16 = [a.astype(jnp.bfloat16) for a in (x, gate_up, down)]
+  got16 = jax.grad(loss(fused), argnums=(0, 1, 2))(*bf16)
+  for g, e in zip(got16, want):
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(g.astype(jnp.float32), e, rtol=0.05, atol=0.05 * np.abs(e).max())
