@@ -100,3 +100,69 @@ def peak_matmul_seconds(repeats: int = 3) -> float:
     jax.block_until_ready(matmul(square))
     best = min(best, time.perf_counter() - start)
   return best
+
+
+def matmul_floor(config):
+  """The reference step's matmuls alone, as one jitted program: (function, its arguments).
+
+  Forward and backward (input and weight gradients) of every matmul that model FLOPs count,
+  with the shapes our step gives them: q/k/v/o and router projections; causal attention
+  scores and values per query chunk of `attention_query_chunk` rows against the keys that
+  chunk sees; experts on balanced blocks of `block_size` rows (T·k rows: no padding blocks);
+  the LM head in chunks of `loss_chunk_tokens` tokens. Each matmul reads its own operands and
+  writes its own output, so nothing is fused away. Timing it gives the step time (and MFU
+  ceiling) our step would reach if everything besides matmuls took no time.
+  """
+  m = config.model
+  batch, length, d = config.global_batch_size, config.seq_len, m.hidden_size
+  tokens, hd, kv = batch * length, m.head_dim, m.num_kv_heads
+  groups, e, inter = m.num_heads // kv, m.num_experts, m.intermediate_size
+  chunk = m.attention_query_chunk or length
+  spans = [(start, min(start + chunk, length)) for start in range(0, length, chunk)]
+  rows = tokens * m.experts_per_token
+  block = min(m.block_size, rows // e)
+  lm_chunk = m.loss_chunk_tokens or tokens
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))
+
+  def linear(x, w, dy):  # forward, input gradient, weight gradient
+    return x @ w, dy @ w.T, x.T @ dy
+
+  def layer(a):
+    out = []
+    for w, dy in ((a["wq"], a["dq"]), (a["wk"], a["dkv"]), (a["wv"], a["dkv2"]),
+                  (a["wo"], a["dx"]), (a["wr"], a["dr"])):
+      out += linear(a["x"], w, dy)
+    for c, (start, end) in enumerate(spans):
+      q = a["q"][:, start * groups:end * groups]  # [B·K, c·G, hd]
+      k, v = a["k"][:, :end], a["v"][:, :end]  # [B·K, S, hd]
+      p, do = a["p"][c], a["do"][:, start * groups:end * groups]  # [B·K, c·G, S], like q
+      out += [q @ k.mT, p @ v, do @ v.mT, p @ k, p.mT @ q, p.mT @ do]
+    for i in range(rows // block):
+      g, r = i * e // (rows // block), slice(i * block, (i + 1) * block)
+      x, h, dy, dpre = a["rows"][r], a["h"][r], a["dy"][r], a["dpre"][r]
+      out += [x @ a["w1"][g], h @ a["w2"][g], dy @ a["w2"][g].T, dpre @ a["w1"][g].T,
+              x.T @ dpre, h.T @ dy]
+    return out
+
+  def program(args):
+    out = [o for a in args["layers"] for o in layer(a)]
+    for start in range(0, tokens, lm_chunk):
+      r = slice(start, start + lm_chunk)
+      out += linear(args["hidden"][r], args["lm_head"], args["dlogits"][r])
+    return out
+
+  layers = [dict(
+      x=normal(tokens, d), dx=normal(tokens, d), wq=normal(d, m.num_heads * hd),
+      dq=normal(tokens, m.num_heads * hd), wk=normal(d, kv * hd), wv=normal(d, kv * hd),
+      dkv=normal(tokens, kv * hd), dkv2=normal(tokens, kv * hd), wo=normal(m.num_heads * hd, d),
+      wr=normal(d, e), dr=normal(tokens, e),
+      q=normal(batch * kv, length * groups, hd), do=normal(batch * kv, length * groups, hd),
+      k=normal(batch * kv, length, hd), v=normal(batch * kv, length, hd),
+      p=[normal(batch * kv, (end - start) * groups, end) for start, end in spans],
+      rows=normal(rows, d), h=normal(rows, inter), dy=normal(rows, d),
+      dpre=normal(rows, 2 * inter), w1=normal(e, d, 2 * inter), w2=normal(e, inter, d))
+      for _ in range(m.num_layers)]
+  args = dict(layers=layers, hidden=normal(tokens, d), lm_head=normal(d, m.vocab_size),
+              dlogits=normal(tokens, m.vocab_size))
+  return jax.jit(program), args
