@@ -17,12 +17,13 @@ PyTorch steps, and PyTorch got our malloc settings); ours applies
 `cpu_runtime.reuse_step_memory()` as `mixtral-train` does. PyTorch runs as it ships, and
 again with the same malloc settings (`+ mallopt`): without them its steps page-fault their
 large activations in afresh too, and a PyTorch user can apply them (or jemalloc) just as well,
-so the headline ratio is against the fastest PyTorch variant of all four. Every
-variant is compiled / warmed up first; then rounds of `--steps` steps of each alternate (one
-process computes at a time), so machine load affects them alike. Reported: median tokens/s over rounds, ours ÷ each PyTorch
-variant, the loss after the same steps, the worker's CPU seconds per step (user + sys: load
-inflates it less than wall time), and MFU = model FLOPs (`model_flops_per_token`) ÷ step time ÷ the
-peak of a float32 2048³ matmul measured in the same run (best of all rounds). Ours' worker also
+so the headline ratio is against the fastest PyTorch variant of all four. Every variant is
+compiled / warmed up first; then rounds of `--steps` steps of each alternate (one process
+computes at a time), so machine load affects them alike. Reported: median tokens/s over
+rounds, ours ÷ each PyTorch variant, the loss after the same steps, the worker's CPU seconds
+per step (user + sys: load inflates it less than wall time), and MFU = model FLOPs
+(`model_flops_per_token`) ÷ step time ÷ the peak of a float32 2048³ matmul measured in the
+same run (best of all rounds). Ours' worker also
 times `reference.matmul_floor` between its steps: the step's own matmuls (same shapes and
 counts, forward and backward) with nothing else, i.e. the ceiling our step could reach at this
 machine's matmul speed if every elementwise op, gather, sort and optimizer update were free.
@@ -257,12 +258,13 @@ def main():
       "CE after last step | aux loss after last step |",
       "|---|---:|---:|---:|---:|---:|---:|---:|"]
   for name in seconds:
-    ce = aux = None
+    ce = None
     if name in losses:
       (ce_first, _), (ce, aux) = losses[name][0], losses[name][-1]
     lines.append(f"| {name} | {tps[name]:,.0f} | {tps[ours_name] / tps[name]:.2f} | "
                  f"{mfu[name]:.1%} | {statistics.median(cpu[name]):.2f} | "
-                 + (f"{ce_first:.4f} | {ce:.4f} | {aux:.4f} |" if ce is not None else "— | — | — |"))
+                 + ("— | — | — |" if ce is None
+                    else f"{ce_first:.4f} | {ce:.4f} | {aux:.4f} |"))
   max_gap = max(abs(a[0] - b[0]) for name in workers if name != ours_name
                 for a, b in zip(losses[ours_name], losses[name]))
   lines += ["", f"**ours ÷ faster PyTorch = {tps[ours_name] / best_hf:.2f}** (goal ≥ 1.3); "
