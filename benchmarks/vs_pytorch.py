@@ -23,10 +23,10 @@ computes at a time), so machine load affects them alike. Reported: median tokens
 rounds, ours ÷ each PyTorch variant, the loss after the same steps, the worker's CPU seconds
 per step (user + sys: load inflates it less than wall time), and MFU = model FLOPs
 (`model_flops_per_token`) ÷ step time ÷ the peak of a float32 2048³ matmul measured in the
-same run (best of all rounds). Ours' worker also
-times `reference.matmul_floor` between its steps: the step's own matmuls (same shapes and
-counts, forward and backward) with nothing else, i.e. the ceiling our step could reach at this
-machine's matmul speed if every elementwise op, gather, sort and optimizer update were free.
+same run (best of all rounds). Ours' worker also times `reference.matmul_floor` between its
+steps: the step's own matmuls (same shapes and counts, forward and backward) with nothing else,
+i.e. the ceiling our step could reach at this machine's matmul speed if every elementwise op,
+gather, sort and optimizer update were free.
 
 PyTorch's OpenMP threads busy-wait by default; on a shared machine a spinning thread whose
 partner was preempted wastes its core (measured here under load: 3.3× slower steps), and one
@@ -124,6 +124,13 @@ def _cpu_seconds() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
+def _timed(call, count: int):
+  """Runs `call` `count` times → (its results, wall seconds per call, CPU seconds per call)."""
+  cpu_start, start = _cpu_seconds(), time.perf_counter()
+  results = [call() for _ in range(count)]
+  return results, (time.perf_counter() - start) / count, (_cpu_seconds() - cpu_start) / count
+
+
 def _serve(variant: str, total_steps: int, args, params, conn) -> None:
   """Worker process: builds one variant, then runs the steps and measurements asked for."""
   config = reference_config(total_steps)
@@ -133,6 +140,7 @@ def _serve(variant: str, total_steps: int, args, params, conn) -> None:
     if not args.plain_malloc:
       cpu_runtime.reuse_step_memory()  # before the first JAX computation
     trainer = Ours(config)
+    floor, floor_args = matmul_floor(config)
     conn.send(trainer.params_numpy())
     batches = [jax.device_put(b) for b in batches]
   else:
@@ -141,28 +149,20 @@ def _serve(variant: str, total_steps: int, args, params, conn) -> None:
       cpu_runtime.reuse_step_memory()
     torch.set_num_threads(args.threads)
     trainer = HF(config, params, experts_implementation)
-  floor = None
   while True:
     command, *rest = conn.recv()
     if command == "stop":
       return
     if command == "peak":
       conn.send(peak_matmul_seconds())
-      continue
-    if command == "floor":  # ours only: the step's matmuls alone, `count` times
-      if floor is None:
-        floor = matmul_floor(config)
-        jax.block_until_ready(floor[0](floor[1]))  # compile
-      cpu_start, start = _cpu_seconds(), time.perf_counter()
-      for _ in range(rest[0]):
-        jax.block_until_ready(floor[0](floor[1]))
-      conn.send(((time.perf_counter() - start) / rest[0], (_cpu_seconds() - cpu_start) / rest[0]))
-      continue
-    first, count = rest
-    cpu_start, start = _cpu_seconds(), time.perf_counter()
-    losses = [trainer.step(batches[i]) for i in range(first, first + count)]
-    conn.send((losses, (time.perf_counter() - start) / count,
-               (_cpu_seconds() - cpu_start) / count))
+    elif command == "floor":  # ours only: the step's matmuls alone, `count` times
+      _, wall, cpu = _timed(lambda: jax.block_until_ready(floor(floor_args)), rest[0])
+      conn.send((wall, cpu))
+    else:
+      first, count = rest
+      batch = iter(batches[first:first + count])
+      losses, wall, cpu = _timed(lambda: trainer.step(next(batch)), count)
+      conn.send((losses, wall, cpu))
 
 
 class Worker:
