@@ -24,7 +24,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 install: $(VENV)/.installed
 
 train: install
-	$(PY) -m mixtral_jax.train --config=configs/default.py --workdir=$(WORKDIR) $(ARGS)
+	$(PY) -m mixtral_jax.main --config=configs/default.py --workdir=$(WORKDIR) $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(TEST_WORKERS) tests

@@ -31,7 +31,7 @@ setup(
         "bench": ["matplotlib>=3.8"],
     },
     entry_points={
-        "console_scripts": ["mixtral-train=mixtral_jax.train:run",
+        "console_scripts": ["mixtral-train=mixtral_jax.main:run",
                             "mixtral-convert=mixtral_jax.convert:main",
                             "mixtral-tokenizer=mixtral_jax.tokenizer:main"],
     },

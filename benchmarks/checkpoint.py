@@ -16,7 +16,7 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.report import write_section  # noqa: E402
 from configs import default  # noqa: E402
-from mixtral_jax import checkpoint, cpu_runtime, train  # noqa: E402
+from mixtral_jax import build, checkpoint, cpu_runtime  # noqa: E402
 
 ROUNDS = 5
 
@@ -24,11 +24,10 @@ ROUNDS = 5
 def main():
   cpu_runtime.reuse_step_memory()  # as mixtral-train does
   config = default.get_config()
-  model = train.build_model(config)
-  state = train.init_state(config, model, train.make_optimizer(config))
+  state = build.build(config).state
   jax.block_until_ready(state)
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
-  meta = {"config": {}, "data_position": 0}
+  meta = checkpoint.Meta(config={}, data_position=0)
   blocked, synchronous, completed = [], [], []
   with tempfile.TemporaryDirectory() as root:
     async_ckpt = checkpoint.Checkpointer(os.path.join(root, "async"), keep=2)

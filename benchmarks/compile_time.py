@@ -1,8 +1,8 @@
 """Compile time of the train step: the default config, its layer count doubled, and the reference.
 
 XLA compiles every layer of the unrolled stack separately, so compile time grows with depth;
-this records how fast. Each row traces, lowers and compiles the jitted train step (state
-donated, as mixtral_jax/train.py runs it) in a fresh jit, so no cache is reused, and reports
+this records how fast. Each row traces, lowers and compiles the train step `mixtral-train`
+runs (`build.build`: sharded, state donated) in a fresh jit, so no cache is reused, and reports
 the best of `--repeats`. The persistent compilation cache is off for the measurement.
 
 Run: `python benchmarks/compile_time.py [--repeats R] [--no-write]`.
@@ -16,21 +16,17 @@ import time
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.reference import make_batches, reference_config  # noqa: E402
+from benchmarks.reference import reference_config  # noqa: E402
 from benchmarks.report import write_section  # noqa: E402
 from configs import default  # noqa: E402
-from mixtral_jax import train  # noqa: E402
+from mixtral_jax import build  # noqa: E402
 
 
 def compile_seconds(config) -> tuple[float, float]:
   """(trace + lower seconds, XLA compile seconds) of a fresh jit of the config's train step."""
-  model = train.build_model(config)
-  optimizer = train.make_optimizer(config)
-  state = jax.eval_shape(lambda: train.init_state(config, model, optimizer))
-  batch = make_batches(1, config.global_batch_size, config.seq_len, config.model.vocab_size)[0]
-  step = jax.jit(train.make_train_step(config, model, optimizer), donate_argnums=(0,))
+  setup = build.build(config, abstract=True)
   start = time.perf_counter()
-  lowered = step.lower(state, batch)
+  lowered = setup.train_step.lower(setup.abstract_state, setup.abstract_batch())
   traced = time.perf_counter()
   lowered.compile()
   return traced - start, time.perf_counter() - traced

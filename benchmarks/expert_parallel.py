@@ -6,6 +6,7 @@
 (b) per-device bytes of params + AdamW moments ÷ the ideal (shared params + experts / e) × 3.
 (c) train-step time on 8 simulated devices ÷ on 1 device (the 8 share this machine's cores,
     so this is overhead, not speed-up).
+Every step is the one `mixtral-train` runs (`build.build`: sharded, state donated).
 """
 
 import os
@@ -21,28 +22,21 @@ import jax.numpy as jnp  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.report import write_section  # noqa: E402
 from configs import default  # noqa: E402
-from mixtral_jax import sharding, train  # noqa: E402
+from mixtral_jax import build as build_lib  # noqa: E402
+from mixtral_jax import sharding  # noqa: E402
 from mixtral_jax.hlo_stats import all_to_all_bytes  # noqa: E402
 
 REPEATS = 3
 
 
 def build(config, devices):
-  mesh = sharding.make_mesh(config.mesh, devices)
-  model = train.build_model(config, mesh)
-  optimizer = train.make_optimizer(config)
-  state = train.init_state(config, model, optimizer, mesh)
-  state_sharding = jax.tree.map(lambda x: x.sharding, state)
-  batch_sharding = sharding.batch_sharding(mesh)
-  step = jax.jit(train.make_train_step(config, model, optimizer),
-                 in_shardings=(state_sharding, batch_sharding),
-                 out_shardings=(state_sharding, None))
+  setup = build_lib.build(config, devices)
   tokens = jax.random.randint(jax.random.PRNGKey(0),
                               (config.global_batch_size, config.seq_len + 1), 0, 1000)
   batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
                           "weights": jnp.ones((config.global_batch_size, config.seq_len))},
-                         batch_sharding)
-  return state, step, batch
+                         setup.batch_sharding)
+  return setup.state, setup.train_step, batch
 
 
 def step_seconds(state, step, batch):

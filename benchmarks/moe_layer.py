@@ -1,6 +1,7 @@
 """MoE layer fwd+bwd time per dispatch ÷ a dense SwiGLU FFN with the same active parameters.
 
-Run: `make bench` (or `python benchmarks/moe_layer.py [--tokens N] [--repeats R]`). Every
+Run: `make bench` (or `python benchmarks/moe_layer.py [--batch B] [--seq_len T]
+[--repeats R]`). Every
 variant is compiled first, then all are timed in interleaved rounds on the same inputs, and
 each reports its best round, so machine load affects them alike. The table goes to stdout and
 into benchmarks/README.md between the `moe_layer` markers.
@@ -17,13 +18,17 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.report import write_section  # noqa: E402
+from configs import default  # noqa: E402
+from mixtral_jax import config as config_lib  # noqa: E402
 from mixtral_jax import oracle  # noqa: E402
 from mixtral_jax.layers import kernel_init  # noqa: E402
 from mixtral_jax.moe import MoE  # noqa: E402
 
 
-def moe_variant(name, x, cotangent, **kwargs):
-  module = MoE(num_experts=8, experts_per_token=2, intermediate_size=INTER, **kwargs)
+def moe_variant(name, x, cotangent, **overrides):
+  model = default.get_config().model
+  model.update(num_experts=8, experts_per_token=2, intermediate_size=INTER, **overrides)
+  module = MoE(config_lib.model_config(model, jax.default_backend()))
   params = nn.unbox(module.init(jax.random.PRNGKey(0), x))["params"]
   loss = lambda p, x: jnp.sum(module.apply({"params": p}, x)[0] * cotangent)
   return name, jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params

@@ -4,7 +4,7 @@ Issue 7, goal 3: the router, sort, gathers and combine of the MoE must be nearly
 training step of the reference config (E=8, k=2, expert intermediate I) should cost at most
 1.15× the step of the same model whose every MoE layer is replaced by one dense SwiGLU FFN of
 intermediate k·I — the same active matmul FLOPs per token, no routing. Both steps are the
-jitted train step of mixtral_jax/train.py (AdamW, state donated); the dense one has fewer
+train step `mixtral-train` runs (`build.build`: AdamW, state donated); the dense one has fewer
 parameters (the optimizer touches k/E of the expert weights), which favours it.
 
 Rounds alternate between the two, so load falls on both alike; the median per variant counts.
@@ -55,8 +55,9 @@ def dense_ffn_layers():
   """While active, models built and traced get DenseFFN (hidden k·I) in place of every MoE."""
   original = model_lib.MoE
 
-  def make(num_experts, experts_per_token, intermediate_size, *unused, name):
-    return DenseFFN(experts_per_token * intermediate_size, num_experts, name=name)
+  def make(config, mesh=None, *, name):
+    return DenseFFN(config.experts_per_token * config.intermediate_size, config.num_experts,
+                    name=name)
 
   model_lib.MoE = make
   try:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import default
-from mixtral_jax import train
+from mixtral_jax import build
 
 # Side of the square float32 matmul whose speed is taken as the machine's peak.
 PEAK_SIZE = 2048
@@ -61,14 +61,12 @@ def make_batches(num: int, batch: int, seq_len: int, vocab: int, seed: int = 0) 
 
 
 class Ours:
-  """Our jitted train step, as mixtral_jax/train.py builds it (state donated)."""
+  """Our train step, the program `mixtral-train` runs (`build.build`: sharded, state donated)."""
 
   def __init__(self, config):
-    self.model = train.build_model(config)
-    optimizer = train.make_optimizer(config)
-    self.state = train.init_state(config, self.model, optimizer)
-    self.step_fn = jax.jit(train.make_train_step(config, self.model, optimizer),
-                           donate_argnums=(0,))
+    self.setup = build.build(config)
+    self.state = self.setup.state
+    self.step_fn = self.setup.train_step
 
   def params_numpy(self):
     """Host copies of the parameters (call before the first step: the state is donated)."""

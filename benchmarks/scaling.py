@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.reference import (PEAK_SIZE, Ours, make_batches, model_flops_per_token,  # noqa: E402
                                   peak_matmul_seconds, reference_config)
 from benchmarks.report import write_section  # noqa: E402
-from mixtral_jax import cpu_runtime, train  # noqa: E402
+from mixtral_jax import cpu_runtime  # noqa: E402
+from mixtral_jax import step as step_lib  # noqa: E402
 from mixtral_jax.model import count_params  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,7 +46,7 @@ class Variant:
     self.trainer = Ours(config)
     batch = make_batches(1, config.global_batch_size, config.seq_len, config.model.vocab_size)[0]
     self.batch = jax.device_put(batch)
-    loss_fn = train.make_loss_fn(self.trainer.model, config.model)
+    loss_fn = step_lib.make_loss_fn(self.trainer.setup.model, config.model)
     self.grad_fn = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, jax.random.PRNGKey(0))[0]))
     self.params = jax.tree.map(jnp.copy, self.trainer.state.params)  # the step donates its own
     self.step_s, self.grad_s = [], []

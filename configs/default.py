@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Clip gradients to this global L2 norm (0 = no clipping).
   config.grad_clip_norm = 1.0
   # Stop after this many consecutive steps with NaN/Inf loss or gradients (those steps are not
-  # applied); 0 = never stop.
+  # applied), as seen at the next log or checkpoint step; 0 = never stop.
   config.max_nan_steps = 5
   # Split each global batch into this many micro-batches and sum their gradients.
   config.grad_accum_steps = 1
@@ -76,7 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Grouped matmul for dropless: "blocked" (fast on CPU), "ragged_dot" (GPU/TPU), "auto".
   model.grouped_matmul = "auto"
   # Rows per block of the dropless layout; each expert's group is padded to a multiple of it.
-  # Larger blocks pad more but run faster matmuls: on CPU 256 measured 0.96× the step time of 128.
+  # Larger blocks pad more but run faster matmuls (benchmarks/README.md, levers table).
   model.block_size = 256
   # Expert-parallel token exchange for dropless: "padded" (any backend) or "ragged" (GPU/TPU).
   model.all_to_all = "padded"
@@ -93,7 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Attend to at most this many previous tokens, the current included (0 = full causal).
   model.sliding_window = 0
   # Score queries in blocks of this many against only the keys they can see (0 = one block);
-  # skips most masked-out score work (measured 0.64–0.73× attention time on CPU at 32–128).
+  # skips most of the masked-out score work.
   model.attention_query_chunk = 64
   # Compute dtype of activations and matmuls ("float32" or "bfloat16"); params stay float32.
   model.dtype = "float32"

@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from mixtral_jax.layers import apply_rope, kernel_init
 
@@ -44,33 +45,33 @@ def causal_attention(q, k, v, segment_ids, sliding_window: int = 0, query_chunk:
 
 
 class Attention(nn.Module):
-  """GQA: `num_heads` query heads share `num_kv_heads` key/value heads in equal groups."""
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  rope_theta: float
-  sliding_window: int = 0
-  dtype: jnp.dtype = jnp.float32
-  query_chunk: int = 0
+  """GQA: `num_heads` query heads share `num_kv_heads` key/value heads in equal groups.
+
+  `config` is the model config (see config.model_config).
+  """
+  config: ml_collections.FrozenConfigDict
 
   def _proj(self, x, heads: int, name: str):
     return nn.DenseGeneral(
-        (heads, self.head_dim), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+        (heads, self.config.head_dim), use_bias=False, dtype=jnp.dtype(self.config.dtype),
+        param_dtype=jnp.float32,
         kernel_init=nn.with_logical_partitioning(kernel_init, ("embed", "heads", "kv")),
         name=name)(x)
 
   @nn.compact
   def __call__(self, x, positions, segment_ids):  # x [B, T, D]; positions, segment_ids [B, T]
+    cfg = self.config
     batch, length, _ = x.shape
-    groups = self.num_heads // self.num_kv_heads
-    q = apply_rope(self._proj(x, self.num_heads, "q_proj"), positions, self.rope_theta)
-    k = apply_rope(self._proj(x, self.num_kv_heads, "k_proj"), positions, self.rope_theta)
-    v = self._proj(x, self.num_kv_heads, "v_proj")  # [B, T, K, H]
-    q = q.reshape(batch, length, self.num_kv_heads, groups, self.head_dim)  # [B, T, K, G, H]
-    q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)
-    out = causal_attention(q, k, v, segment_ids, self.sliding_window, self.query_chunk)
-    out = out.reshape(batch, length, self.num_heads, self.head_dim)
+    groups = cfg.num_heads // cfg.num_kv_heads
+    q = apply_rope(self._proj(x, cfg.num_heads, "q_proj"), positions, cfg.rope_theta)
+    k = apply_rope(self._proj(x, cfg.num_kv_heads, "k_proj"), positions, cfg.rope_theta)
+    v = self._proj(x, cfg.num_kv_heads, "v_proj")  # [B, T, K, H]
+    q = q.reshape(batch, length, cfg.num_kv_heads, groups, cfg.head_dim)  # [B, T, K, G, H]
+    q = q * jnp.asarray(cfg.head_dim ** -0.5, q.dtype)
+    out = causal_attention(q, k, v, segment_ids, cfg.sliding_window, cfg.attention_query_chunk)
+    out = out.reshape(batch, length, cfg.num_heads, cfg.head_dim)
     return nn.DenseGeneral(
-        x.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+        x.shape[-1], axis=(-2, -1), use_bias=False, dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.float32,
         kernel_init=nn.with_logical_partitioning(kernel_init, ("heads", "kv", "embed")),
         name="o_proj")(out)

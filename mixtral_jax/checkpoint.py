@@ -1,19 +1,20 @@
 """Orbax checkpoints in WORKDIR/checkpoints/<step>/: async saves, the last K kept, safe resume.
 
-A checkpoint holds three Orbax items: `params`, `train` (step, optimizer state, RNG) and `meta`
-(the config it was trained with and the data position, i.e. the index of the next batch). The
-parameters are an item of their own so that export reads them alone, without the AdamW moments
-(twice their size); a checkpoint imported from HF holds no `train` item and resumes with a fresh
-optimizer state. Orbax writes a save into a temporary directory and renames it only when
+A checkpoint holds three Orbax items: `params`, `train` (every other field of the train state:
+step, optimizer state, RNG, …) and `meta` (a `Meta`: the config it was trained with and the data
+position). The parameters are an item of their own so that export reads them alone, without the
+AdamW moments (twice their size); a checkpoint imported from HF holds no `train` item and
+resumes with a fresh optimizer state. Orbax writes a save into a temporary directory and renames it only when
 complete, so a crash mid-save leaves no `<step>` directory, only a temporary one that is ignored
 and cleaned up on restart.
 
     python -m mixtral_jax.checkpoint info WORKDIR
 """
 
+import dataclasses
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -37,8 +38,22 @@ def _dir_bytes(path: str) -> int:
              for root, _, names in os.walk(path) for name in names)
 
 
+@dataclasses.dataclass(frozen=True)
+class Meta:
+  """What a checkpoint records besides arrays (its `meta` item, JSON)."""
+  config: dict  # the training config, as JSON
+  data_position: int  # index of the next training batch
+  # Each process's data-iterator state, by process index; None: the data starts afresh.
+  data_state: Optional[list] = None
+
+  @classmethod
+  def from_json(cls, record: dict) -> "Meta":
+    return cls(record.get("config", {}), record.get("data_position", 0), record.get("data_state"))
+
+
 def _train_item(state) -> dict[str, Any]:
-  return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+  """Every field of a train-state dataclass but `params`."""
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "params"}
 
 
 def _restore_args(tree) -> ocp.args.StandardRestore:
@@ -81,16 +96,16 @@ class Checkpointer:
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def meta(self, step: int) -> dict[str, Any]:
+  def meta(self, step: int) -> Meta:
     """The config and data position saved with `step`."""
     try:
-      return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-          "meta"]
+      return Meta.from_json(self._manager.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
     except Exception as e:
       raise CheckpointError(f"{self._step_dir(step)} is not a readable mixtral_jax checkpoint "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
-  def _check_shapes(self, step: int, meta: dict, metadata, targets: dict[str, Any]) -> None:
+  def _check_shapes(self, step: int, meta: Meta, metadata, targets: dict[str, Any]) -> None:
     """Raises CheckpointError naming the first tensor of `targets` whose saved shape differs."""
     try:
       saved = _shapes({item: metadata[item] for item in targets})
@@ -102,28 +117,31 @@ class Checkpointer:
         raise CheckpointError(
             f"{self._step_dir(step)} does not match this model: {name} is "
             f"{saved.get(name, 'missing')} there, {shape} here "
-            f"(checkpoint model config: {_model_summary(meta.get('config', {}))})")
+            f"(checkpoint model config: {_model_summary(meta.config)})")
 
-  def restore(self, template_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:
-    """(state, meta) saved at `step` (default: latest), shaped and sharded like `template_state`.
+  def restore(self, abstract_state: Any, step: Optional[int] = None,
+              from_params: Optional[Callable[[Any], Any]] = None) -> tuple[Any, Meta]:
+    """(state, meta) saved at `step` (default: latest), shaped and sharded like `abstract_state`.
 
-    A checkpoint without train state (an HF import) replaces only the template's params: its
-    step, optimizer state and RNG, if freshly initialised, are what training starts from.
-    Raises CheckpointError naming the first tensor whose saved shape differs.
+    `abstract_state` is a train-state dataclass of `jax.ShapeDtypeStruct`s (or arrays) with
+    shardings; nothing is allocated but the restored arrays. A checkpoint of parameters alone (an
+    HF import) gives `from_params(params)`, the step-0 state around them. Raises CheckpointError
+    naming the first tensor whose saved shape differs.
     """
     step = self.latest_step() if step is None else step
     meta = self.meta(step)
     metadata = self._manager.item_metadata(step)  # read once: it lists and shapes every item
-    targets = {"params": template_state.params}
+    targets = {"params": abstract_state.params}
     if metadata.get("train") is not None:
-      targets["train"] = _train_item(template_state)
-    elif any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(template_state)):
-      raise CheckpointError(f"{self._step_dir(step)} holds parameters only: restore it into a "
-                            f"freshly initialised state, not an abstract one")
+      targets["train"] = _train_item(abstract_state)
+    elif from_params is None:
+      raise CheckpointError(f"{self._step_dir(step)} holds parameters only (no optimizer state)")
     self._check_shapes(step, meta, metadata, targets)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         **{item: _restore_args(target) for item, target in targets.items()}))
-    return template_state.replace(params=restored["params"], **restored.get("train", {})), meta
+    if "train" not in restored:
+      return from_params(restored["params"]), meta
+    return abstract_state.replace(params=restored["params"], **restored["train"]), meta
 
   def restore_params(self, abstract_params: Any, step: Optional[int] = None) -> Any:
     """The params of `step` (default: latest), shaped and sharded like `abstract_params`.
@@ -137,20 +155,21 @@ class Checkpointer:
     return self._manager.restore(step, args=ocp.args.Composite(
         params=_restore_args(abstract_params)))["params"]
 
-  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+  def save(self, step: int, state: Any, meta: Meta) -> None:
     """Starts an async save of `state` and `meta` as checkpoint `step`."""
     self._manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
-        train=ocp.args.StandardSave(_train_item(state)), meta=ocp.args.JsonSave(meta)),
-        force=True)
+        train=ocp.args.StandardSave(_train_item(state)),
+        meta=ocp.args.JsonSave(dataclasses.asdict(meta))), force=True)
 
-  def save_params(self, step: int, params: Any, meta: dict[str, Any]) -> None:
+  def save_params(self, step: int, params: Any, meta: Meta) -> None:
     """Starts an async save of `params` and `meta` alone (no train state) as checkpoint `step`.
 
     Pass jax arrays: Orbax copies numpy arrays whole before writing them.
     """
     self._manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)), force=True)
+        params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(dataclasses.asdict(meta))),
+        force=True)
 
   def wait(self) -> None:
     """Blocks until in-flight saves are complete."""
@@ -176,8 +195,7 @@ def info(workdir: str) -> list[dict[str, Any]]:
   for step in checkpointer.all_steps():
     meta = checkpointer.meta(step)
     records.append({"step": step, "bytes": _dir_bytes(checkpointer._step_dir(step)),
-                    "data_position": meta.get("data_position"),
-                    "model": _model_summary(meta.get("config", {}))})
+                    "data_position": meta.data_position, "model": _model_summary(meta.config)})
   return records
 
 

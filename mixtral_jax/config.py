@@ -64,6 +64,19 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
     _require(model[name] >= 0, f"model.{name}", f"must be >= 0, got {model[name]}")
 
 
+def model_config(model: ml_collections.ConfigDict,
+                 platform: str) -> ml_collections.FrozenConfigDict:
+  """The frozen `config.model` the model is built from, with `grouped_matmul="auto"` resolved.
+
+  "auto" picks the blocked loop on CPU, where `ragged_dot` lowers to a masked dense dot, and
+  `ragged_dot` where XLA has a native grouped matmul (`platform` "gpu" or "tpu").
+  """
+  resolved = model.copy_and_resolve_references()
+  if resolved.grouped_matmul == "auto":
+    resolved.grouped_matmul = "blocked" if platform == "cpu" else "ragged_dot"
+  return ml_collections.FrozenConfigDict(resolved)
+
+
 def validate_data(data: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first invalid field of `config.data`."""
   _require(data.source in DATA_SOURCES, "data.source",

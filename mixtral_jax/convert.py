@@ -25,7 +25,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from configs import default
-from mixtral_jax import checkpoint, train
+from mixtral_jax import build as build_lib
+from mixtral_jax import checkpoint
+from mixtral_jax import config as config_lib
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -257,15 +259,6 @@ def _float32_on_host(tree: dict) -> dict:
   return tree
 
 
-def _abstract_params(config) -> Any:
-  """Shapes of `config`'s float32 params, placed on the host CPU (no init is run)."""
-  model = train.build_model(config)
-  state = jax.eval_shape(lambda: train.init_state(config, model, train.make_optimizer(config)))
-  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
-                      state.params)
-
-
 def import_hf(hf_dir: str, workdir: str) -> ml_collections.ConfigDict:
   """Writes an HF Mixtral as step-0 checkpoint of `workdir`; returns the training config.
 
@@ -277,7 +270,8 @@ def import_hf(hf_dir: str, workdir: str) -> ml_collections.ConfigDict:
   config = default.get_config()
   config.model = model_config_from_hf(hf_dir)
   reader = _SafetensorsReader(hf_dir)
-  largest = max(x.size * x.dtype.itemsize for x in jax.tree.leaves(_abstract_params(config)))
+  largest = max(x.size * x.dtype.itemsize
+                for x in jax.tree.leaves(build_lib.host_abstract_params(config)))
   checkpointer = checkpoint.Checkpointer(workdir, keep=1, save_bytes_in_flight=2 * largest)
   if checkpointer.latest_step() is not None:
     raise ConversionError(f"{checkpointer.directory} already holds checkpoints; use a new workdir")
@@ -285,25 +279,10 @@ def import_hf(hf_dir: str, workdir: str) -> ml_collections.ConfigDict:
   if os.path.exists(os.path.join(hf_dir, "tokenizer.model")):
     config.data.tokenizer_path = os.path.abspath(os.path.join(workdir, "tokenizer.model"))
     shutil.copyfile(os.path.join(hf_dir, "tokenizer.model"), config.data.tokenizer_path)
-  checkpointer.save_params(0, params, {"config": json.loads(config.to_json_best_effort()),
-                                       "data_position": 0})
+  checkpointer.save_params(0, params, checkpoint.Meta(json.loads(config.to_json_best_effort()),
+                                                      data_position=0))
   checkpointer.close()
   return config
-
-
-def restore_params(workdir: str, step=None):
-  """(params, config.model) of checkpoint `step` (default: latest) in `workdir`, on the host CPU.
-
-  Reads the parameters alone: no optimizer state, no init of a model to restore into.
-  """
-  checkpointer = checkpoint.Checkpointer(workdir, read_only=True)
-  step = checkpointer.latest_step() if step is None else step
-  if step is None:
-    raise checkpoint.CheckpointError(f"{checkpointer.directory}: no complete checkpoint")
-  config = ml_collections.ConfigDict(checkpointer.meta(step)["config"])
-  params = checkpointer.restore_params(_abstract_params(config), step)
-  checkpointer.close()
-  return params, config.model
 
 
 def main(argv=None) -> int:
@@ -320,12 +299,12 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     if args.command == "to-hf":
-      params, model_config = restore_params(args.workdir, args.step)
+      params, config = build_lib.restore_params(args.workdir, args.step)
       tokenizer = os.path.join(args.workdir, "tokenizer.model")
       if not os.path.exists(tokenizer):
         print(f"warning: no {tokenizer}; exporting without a tokenizer", file=sys.stderr)
         tokenizer = None
-      export_hf(params, model_config, args.out, args.max_shard_bytes, tokenizer)
+      export_hf(params, config.model, args.out, args.max_shard_bytes, tokenizer)
       print(f"wrote {args.out}")
     else:
       config = import_hf(args.hf, args.workdir)
@@ -334,7 +313,8 @@ def main(argv=None) -> int:
         flags += f" --config.data.tokenizer_path={config.data.tokenizer_path}"
       print(f"wrote step 0 of {args.workdir}; train it with: mixtral-train "
             f"--workdir={args.workdir} {flags}")
-  except (checkpoint.CheckpointError, ConversionError, FileExistsError) as e:
+  except (checkpoint.CheckpointError, config_lib.ConfigError, ConversionError,
+          FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

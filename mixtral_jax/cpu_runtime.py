@@ -1,9 +1,9 @@
 """CPU runtime setting: keep each train step's scratch memory mapped between steps.
 
-XLA:CPU allocates an executable's whole temp buffer with one `malloc` per execution (1.15 GB
-for issue 7's reference train step). glibc serves blocks that large with a fresh `mmap` and
-unmaps them on `free`, so every step faults its scratch pages in again: ~280k page faults and
-~20% of the step's CPU time on our 2-core machine. Two settings together avoid it:
+XLA:CPU allocates an executable's whole temp buffer with one `malloc` per execution (over a GB
+for a mid-sized model's train step). glibc serves blocks that large with a fresh `mmap` and
+unmaps them on `free`, so every step faults its scratch pages in again (figures in
+benchmarks/README.md). Two settings together avoid it:
 
 - synchronous CPU dispatch (`jax_cpu_enable_async_dispatch=False`): single-device programs run
   on the calling thread, whose malloc arena is glibc's main one;
@@ -12,8 +12,8 @@ unmaps them on `free`, so every step faults its scratch pages in again: ~280k pa
 
 Either alone changes nothing: other threads' arenas fall back to `mmap` for large blocks
 whatever `M_MMAP_MAX` says. The costs: the process keeps up to the trim threshold of freed
-memory, and the Python thread waits for each single-device step (the train loop reads every
-step's metrics anyway). Multi-device programs keep their parallel dispatch.
+memory, and the Python thread waits for each single-device step, so the host cannot prepare
+the next batch meanwhile. Multi-device programs keep their parallel dispatch.
 """
 
 import ctypes

@@ -17,14 +17,17 @@ import time
 from collections.abc import Iterator
 from typing import Any, Optional
 
+import jax
 import ml_collections
 import numpy as np
 import sentencepiece as spm
 from absl import logging
+from jax.experimental import multihost_utils
 
 from mixtral_jax import packing
 from mixtral_jax import sources
 from mixtral_jax import tokenizer as tokenizer_lib
+from mixtral_jax.files import write_atomically
 
 Batch = dict[str, np.ndarray]
 # Documents sampled (in a fixed order) for the printed unigram-entropy baseline.
@@ -204,7 +207,7 @@ def _cached_entropy(corpus: sources.Corpus, tokenizer: spm.SentencePieceProcesso
       return json.load(f)["unigram_entropy"]
   with _timed("Measuring the unigram entropy"):
     entropy = _sample_entropy(corpus, tokenizer)
-  tokenizer_lib.write_atomically(path, json.dumps({"unigram_entropy": entropy}).encode())
+  write_atomically(path, json.dumps({"unigram_entropy": entropy}).encode())
   return entropy
 
 
@@ -242,3 +245,46 @@ def make_data(config: ml_collections.ConfigDict, process_index: int = 0,
   logging.info("Data: %s, %d train / %d eval documents; unigram entropy %.3f nats/token.",
                corpus.name, len(corpus.train), len(corpus.eval), data.unigram_entropy)
   return data
+
+
+def make_process_data(config: ml_collections.ConfigDict) -> LMData:
+  """This process's data; process 0 first builds any missing dataset or tokenizer cache.
+
+  Processes sharing a data_dir would otherwise race to build the same files.
+  """
+  if jax.process_index() == 0:
+    data = make_data(config, 0, jax.process_count())
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("mixtral_jax: data prepared")
+  if jax.process_index() > 0:
+    data = make_data(config, jax.process_index(), jax.process_count())
+  return data
+
+
+def global_batch(local_batch: Batch, batch_sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+  """This process's rows → global arrays on `batch_sharding` (every process passes its own)."""
+  return {key: jax.make_array_from_process_local_data(batch_sharding, value)
+          for key, value in local_batch.items()}
+
+
+def gather_data_states(batches: TrainIterator) -> list[dict]:
+  """Every process's iterator state, by process index (a checkpoint's meta is global).
+
+  Every process must call it: with several, it is a collective.
+  """
+  state = batches.get_state()
+  if jax.process_count() == 1:
+    return [state]
+  cursors = multihost_utils.process_allgather(np.asarray(state["cursors"], np.int32))
+  return [{"step": state["step"], "cursors": c.tolist()} for c in np.asarray(cursors)]
+
+
+def process_data_state(states: Optional[list]) -> Optional[dict]:
+  """This process's entry of `gather_data_states`; None (start afresh) if there is none."""
+  if states is None:  # e.g. an imported HF model: no data consumed yet
+    return None
+  if len(states) != jax.process_count():
+    logging.warning("The checkpoint's data state is for %d processes, this run has %d: the data "
+                    "order restarts.", len(states), jax.process_count())
+    return None
+  return states[jax.process_index()]

@@ -32,6 +32,11 @@ def expert_capacity(num_tokens: int, num_experts: int, experts_per_token: int,
   return max(1, math.ceil(capacity_factor * num_tokens * experts_per_token / num_experts))
 
 
+def dropless_block_size(block_size: int, num_rows: int, num_groups: int) -> int:
+  """`block_size`, capped at a balanced group's rows: blocks larger than that only add padding."""
+  return max(1, min(block_size, -(-num_rows // num_groups)))
+
+
 def _sort_slots(expert_index, num_experts: int):
   """Sorts slots by expert; returns (order, expert of sorted slot, rank within its expert, sizes).
 
@@ -107,8 +112,8 @@ def combine(rows, layout: Layout, combine_weights):
   padded = jnp.concatenate([rows, jnp.zeros((1, rows.shape[1]), rows.dtype)])  # dropped → 0
   per_slot = padded[layout.slot_row].reshape(k, num_tokens, rows.shape[1])  # [k, T, D]
   weights = combine_weights.T.astype(rows.dtype)[..., None]  # [k, T, 1]
-  # k products added in turn, not a reduce over the k axis: XLA:CPU ran that reduce (fused with
-  # the gather) at ~15 ms per layer of the reference step, this sum at a fraction of it.
+  # k products added in turn, not a reduce over the k axis: XLA:CPU fuses such a reduce with the
+  # gather feeding it into a slow loop (benchmarks/README.md, levers table).
   out = per_slot[0] * weights[0]
   for choice in range(1, k):
     out = out + per_slot[choice] * weights[choice]

@@ -16,6 +16,7 @@ Buffer sizes (n local tokens, k choices, ep expert shards, E/ep local experts):
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from jax.sharding import Mesh
 
 from mixtral_jax import dispatch as dispatch_lib
@@ -79,19 +80,22 @@ def _dropless_local(tokens, expert_index, combine_weights, gate_up, down, block_
   received = there(rows, 0)  # [ep · per_peer, D]
   received_expert = there(row_expert, e_local)  # [ep · per_peer]
 
-  balanced = -(-n * k // e_local)
-  layout = dispatch_lib.dropless_layout(received_expert[:, None], e_local,
-                                        max(1, min(block_size, balanced)))
+  layout = dispatch_lib.dropless_layout(
+      received_expert[:, None], e_local,
+      dispatch_lib.dropless_block_size(block_size, n * k, e_local))
   out = apply_experts(dispatch_lib.gather_rows(received, layout), gate_up, down, matmul, layout)
   out = dispatch_lib.combine(out, layout, jnp.ones((received.shape[0], 1), out.dtype))
   return (dispatch_lib.combine(back(out), send_layout, combine_weights),
           jnp.zeros((), jnp.float32))
 
 
-def expert_parallel_moe(tokens, expert_index, combine_weights, gate_up, down, *, mesh: Mesh,
-                        dispatch: str, capacity_factor: float, block_size: int, matmul: str,
-                        all_to_all: str = "padded"):
-  """tokens [N, D] (batch-sharded), routing [N, k], experts [E, …] → (out [N, D], dropped)."""
+def expert_parallel_moe(tokens, expert_index, combine_weights, gate_up, down,
+                        config: ml_collections.FrozenConfigDict, mesh: Mesh):
+  """tokens [N, D] (batch-sharded), routing [N, k], experts [E, …] → (out [N, D], dropped).
+
+  `config` is the model config (see config.model_config): its dispatch, capacity_factor,
+  block_size, grouped_matmul and all_to_all choose how.
+  """
   batch_spec = sharding.logical_to_spec(("batch", None))
   gate_up_spec = sharding.logical_to_spec(GATE_UP_AXES)
   down_spec = sharding.logical_to_spec(DOWN_AXES)
@@ -99,12 +103,13 @@ def expert_parallel_moe(tokens, expert_index, combine_weights, gate_up, down, *,
   def local(tokens, expert_index, combine_weights, gate_up, down):
     gate_up = jax.lax.all_gather(gate_up, _FSDP_AXIS, axis=1, tiled=True)
     down = jax.lax.all_gather(down, _FSDP_AXIS, axis=2, tiled=True)
-    if dispatch == "capacity":
+    if config.dispatch == "capacity":
       out, dropped = _capacity_local(tokens, expert_index, combine_weights, gate_up, down,
-                                     capacity_factor)
+                                     config.capacity_factor)
     else:
       out, dropped = _dropless_local(tokens, expert_index, combine_weights, gate_up, down,
-                                     block_size, matmul, ragged=all_to_all == "ragged")
+                                     config.block_size, config.grouped_matmul,
+                                     ragged=config.all_to_all == "ragged")
     return (jax.lax.psum(out, _TENSOR_AXIS),
             jax.lax.pmean(dropped, sharding.BATCH_AXES))
 

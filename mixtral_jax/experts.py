@@ -16,13 +16,6 @@ GATE_UP_AXES = ("exp", "embed", None, "mlp")
 DOWN_AXES = ("exp", "mlp", "embed")
 
 
-def resolve_grouped_matmul(name: str) -> str:
-  """"auto" picks the blocked loop on CPU and ragged_dot where XLA has a native grouped matmul."""
-  if name != "auto":
-    return name
-  return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
-
-
 def swiglu(gate_up):
   """gate_up [..., 2, I] → silu(gate) * up [..., I]."""
   return jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
@@ -69,6 +62,8 @@ def apply_experts(rows, gate_up, down, matmul: str, layout: Optional[Layout] = N
     h = swiglu(grouped_matmul.ragged_matmul(rows, gate_up, layout.group_sizes)
                .reshape(num_rows, 2, inter))
     return grouped_matmul.ragged_matmul(h, down, layout.group_sizes)
+  if matmul != "blocked":
+    raise ValueError(f"unknown grouped matmul {matmul!r} (resolve 'auto' with config.model_config)")
   blocks = rows.reshape(-1, layout.block_size, hidden)  # [nb, B, D]
   y = grouped_matmul.blocked_swiglu(blocks, gate_up, down, layout.block_expert,
                                     layout.num_active_blocks)

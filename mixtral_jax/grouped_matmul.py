@@ -3,8 +3,8 @@
 - `blocked_swiglu`: rows come in blocks that each belong to one group; a loop runs a whole
   SwiGLU expert (two dense matmuls and the activation) per *used* block and skips the padded
   tail. On CPU this is the fast path, where `jax.lax.ragged_dot` lowers to a masked dense dot
-  (G× the FLOPs); fusing the expert per block measured 0.96× the time of one blocked loop per
-  matmul with the activation between them.
+  (G× the FLOPs); one loop for the whole expert keeps each block's activations in cache
+  between its matmuls.
 - `ragged_matmul`: `jax.lax.ragged_dot`, the native grouped matmul on GPU/TPU.
 - `batched_matmul`: every group has the same number of rows (the capacity buffer).
 """

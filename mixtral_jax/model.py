@@ -11,7 +11,6 @@ from jax.sharding import Mesh
 
 from mixtral_jax import sharding
 from mixtral_jax.attention import Attention
-from mixtral_jax.experts import resolve_grouped_matmul
 from mixtral_jax.layers import RMSNorm, kernel_init
 from mixtral_jax.moe import MoE, MoEStats
 
@@ -26,21 +25,16 @@ class DecoderBlock(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     h = RMSNorm(cfg.rms_norm_eps, dtype, name="input_norm")(x)
-    h = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
-                  cfg.sliding_window, dtype, cfg.attention_query_chunk,
-                  name="attention")(h, positions, segment_ids)
+    h = Attention(cfg, name="attention")(h, positions, segment_ids)
     x = x + h
     h = RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_norm")(x)
-    h, stats = MoE(cfg.num_experts, cfg.experts_per_token, cfg.intermediate_size, cfg.dispatch,
-                   cfg.capacity_factor, cfg.block_size, resolve_grouped_matmul(cfg.grouped_matmul),
-                   cfg.router_jitter_noise, dtype, self.mesh, cfg.all_to_all,
-                   name="moe")(h, token_mask, deterministic)
+    h, stats = MoE(cfg, self.mesh, name="moe")(h, token_mask, deterministic)
     x = sharding.constrain(x + h, ("batch", "length", "act_embed"), self.mesh)
     return x, stats
 
 
 class Mixtral(nn.Module):
-  """Mixtral-style sparse MoE language model; `config` is the `model` part of a training config.
+  """Mixtral-style sparse MoE language model; `config` is `config.model_config(config.model, …)`.
 
   `mesh` (optional) places activations and runs the MoE expert-parallel over its axes.
   """
@@ -71,6 +65,7 @@ class Mixtral(nn.Module):
     x = embed.astype(dtype)[tokens]  # [B, T, D]
     x = sharding.constrain(x, ("batch", "length", "act_embed"), self.mesh)
 
+    # `deterministic` (argument 5, counting the module) is a Python bool: static under remat.
     block = nn.remat(DecoderBlock, static_argnums=(5,)) if cfg.remat else DecoderBlock
     layer_stats = []
     for i in range(cfg.num_layers):

@@ -24,7 +24,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 from absl import logging
 
-SOURCES = ("stdlib", "files", "tfds")
+from mixtral_jax.config import DATA_SOURCES
 _STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages"})
 
 
@@ -239,4 +239,4 @@ def open_corpus(data_config: ml_collections.ConfigDict) -> Corpus:
     return _files_corpus(data_config, match_files(data_config.files), "files")
   if data_config.source == "tfds":
     return _tfds_corpus(data_config)
-  raise DataError(f"config.data.source={data_config.source!r}; expected one of {list(SOURCES)}")
+  raise DataError(f"config.data.source={data_config.source!r}; expected one of {list(DATA_SOURCES)}")

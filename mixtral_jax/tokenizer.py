@@ -8,12 +8,12 @@ import hashlib
 import io
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 
 import sentencepiece as spm
 
 from mixtral_jax import sources
+from mixtral_jax.files import write_atomically
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -49,20 +49,6 @@ def _training_sentences(texts: Iterable[str], max_chars: int) -> Iterator[str]:
       yield "".join(sentence)
     if num_chars >= max_chars:
       return
-
-
-def write_atomically(path: str, contents: bytes) -> None:
-  """Writes via a temp file in the same directory so readers never see a partial file."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".model")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(contents)
-    os.replace(tmp_path, path)
-  except BaseException:
-    os.unlink(tmp_path)
-    raise
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: str,

@@ -12,22 +12,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixtral_jax import checkpoint, sharding, train
-from train_test import REPO, tiny_config
+from mixtral_jax import build, checkpoint, sharding, train
 
 
 def restored_on(config, workdir, mesh_shape, devices):
   config = config.copy_and_resolve_references()
   config.mesh.update(dict(zip(sharding.MESH_AXES, mesh_shape)))
-  mesh = sharding.make_mesh(config.mesh, devices)
-  model = train.build_model(config, mesh)
-  template = train.init_state(config, model, train.make_optimizer(config), mesh)
-  state, _ = checkpoint.Checkpointer(workdir).restore(template)
+  state, _ = build.build(config, devices, abstract=True).restore(checkpoint.Checkpointer(workdir))
   return state
 
 
-def test_restore_onto_other_meshes_gives_identical_parameters(tmp_path):
-  config = tiny_config(tmp_path, num_train_steps=4)
+def test_restore_onto_other_meshes_gives_identical_parameters(tmp_path, tiny_config):
+  config = tiny_config(num_train_steps=4)
   config.model.num_experts = 8
   config.mesh.update(data=2, fsdp=1, expert=4, tensor=1)
   workdir = str(tmp_path / "run")
@@ -45,29 +41,28 @@ def test_restore_onto_other_meshes_gives_identical_parameters(tmp_path):
   assert train.train_and_evaluate(config, workdir)["final_loss"] > 0
 
 
-def test_params_restore_alone_without_the_optimizer_state(tmp_path):
-  config = tiny_config(tmp_path, num_train_steps=2)
+def test_params_restore_alone_without_the_optimizer_state(tmp_path, tiny_config,
+                                                          build_on_one_device):
+  config = tiny_config(num_train_steps=2)
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
-  template = train.init_state(config, train.build_model(config), train.make_optimizer(config))
-  state, _ = checkpoint.Checkpointer(workdir).restore(template)
+  setup = build_on_one_device(config)
+  state, _ = setup.restore(checkpoint.Checkpointer(workdir))
   shutil.rmtree(os.path.join(workdir, "checkpoints", "2", "train"))
 
   checkpointer = checkpoint.Checkpointer(workdir, read_only=True)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          template.params)
+  abstract = dict(setup.abstract_state.params)
   params = checkpointer.restore_params(abstract)
   jax.tree.map(np.testing.assert_array_equal, params, state.params)
-  assert not np.array_equal(params["embed"], template.params["embed"])  # trained, not the init
+  assert not np.array_equal(params["embed"], setup.state.params["embed"])  # trained, not init
   abstract["embed"] = jax.ShapeDtypeStruct((320, 64), jnp.float32)
   with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/2 does not match this model: "
                                                        r"params/embed is \(320, 32\) there"):
     checkpointer.restore_params(abstract)
 
 
-def _cli(workdir, tmp_path, steps, extra=()):
-  config = tiny_config(tmp_path)
-  args = [sys.executable, "-u", "-m", "mixtral_jax.train", "--config=configs/default.py",
+def _cli(workdir, config, steps, extra=()):
+  args = [sys.executable, "-u", "-m", "mixtral_jax.main", "--config=configs/default.py",
           f"--workdir={workdir}"]
   overrides = {"num_train_steps": steps, "global_batch_size": 8, "seq_len": 32,
                "log_every_steps": 1, "eval_every_steps": 0, "eval_batches": 2,
@@ -97,9 +92,9 @@ def _final_loss(workdir):
   return records[-1]["step"], records[-1]["loss"]
 
 
-def _run_and_kill(args, env, at_line):
+def _run_and_kill(args, env, at_line, repo):
   """Starts training and SIGKILLs it the moment it prints a line starting with `at_line`."""
-  proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+  proc = subprocess.Popen(args, cwd=repo, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True)
   for line in proc.stdout:
     if line.startswith(at_line):
@@ -109,18 +104,18 @@ def _run_and_kill(args, env, at_line):
   assert proc.returncode == -signal.SIGKILL
 
 
-def test_kill_9_resumes_from_last_complete_checkpoint(tmp_path):
+def test_kill_9_resumes_from_last_complete_checkpoint(tmp_path, tiny_config, repo):
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-  args, env = _cli(straight, tmp_path, 16)
-  subprocess.run(args, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+  args, env = _cli(straight, tiny_config(), 16)
+  subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True, timeout=300)
 
-  args, env = _cli(killed, tmp_path, 16)
+  args, env = _cli(killed, tiny_config(), 16)
   checkpoints = os.path.join(killed, "checkpoints")
-  _run_and_kill(args, env, "step 5/")  # between saves (every 2 steps)
+  _run_and_kill(args, env, "step 5/", repo)  # between saves (every 2 steps)
   # A step's log line follows the start of its async save: killing right then catches the
   # save in flight, leaving Orbax's temporary directory instead of a step directory.
   for save_step in (8, 10, 12):
-    _run_and_kill(args, env, f"step {save_step}/")
+    _run_and_kill(args, env, f"step {save_step}/", repo)
     partial = [d for d in os.listdir(checkpoints) if not d.isdigit()]
     if partial:
       break
@@ -129,7 +124,7 @@ def test_kill_9_resumes_from_last_complete_checkpoint(tmp_path):
   assert max(complete) == save_step - 2
   digests = {s: _tree_digest(os.path.join(checkpoints, str(s))) for s in complete}
 
-  result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert f"resuming from checkpoint at step {max(complete)}" in result.stdout
   assert _final_loss(killed) == _final_loss(straight)
@@ -138,8 +133,8 @@ def test_kill_9_resumes_from_last_complete_checkpoint(tmp_path):
   assert not [d for d in os.listdir(checkpoints) if not d.isdigit()]  # leftovers cleaned up
 
 
-def test_nan_steps_are_not_applied_and_stop_the_run(tmp_path, monkeypatch):
-  config = tiny_config(tmp_path, num_train_steps=20, checkpoint_every_steps=4, max_nan_steps=3)
+def test_nan_steps_are_not_applied_and_stop_the_run(tmp_path, tiny_config, monkeypatch):
+  config = tiny_config(num_train_steps=20, checkpoint_every_steps=4, max_nan_steps=3)
   real_next = train.data_lib.TrainIterator.__next__
 
   def nan_from_step_10(batches):
@@ -156,31 +151,27 @@ def test_nan_steps_are_not_applied_and_stop_the_run(tmp_path, monkeypatch):
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert records[-1]["step"] == 8  # log_every_steps=4: steps 9-12 never reached a log line
 
-  model = train.build_model(config, sharding.make_mesh(config.mesh))
-  template = train.init_state(config, model, train.make_optimizer(config),
-                              sharding.make_mesh(config.mesh))
-  saved, meta = checkpoint.Checkpointer(workdir).restore(template)
-  assert int(saved.step) == 8 and meta["data_position"] == 8
+  saved, meta = build.build(config, abstract=True).restore(checkpoint.Checkpointer(workdir))
+  assert int(saved.step) == 8 and meta.data_position == 8
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved.params))
 
 
-def test_nonfinite_step_leaves_parameters_unchanged(tmp_path):
-  config = tiny_config(tmp_path)
-  model = train.build_model(config)
-  optimizer = train.make_optimizer(config)
-  state = train.init_state(config, model, optimizer)
+def test_nonfinite_step_leaves_parameters_unchanged(tiny_config, build_on_one_device):
+  setup = build_on_one_device(tiny_config())
+  before = jax.device_get(setup.state)  # the step donates the state
   tokens = jax.random.randint(jax.random.PRNGKey(0), (8, 33), 0, 320)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
            "positions": jnp.broadcast_to(jnp.arange(32), (8, 32)),
            "segment_ids": jnp.ones((8, 32), jnp.int32), "weights": jnp.full((8, 32), jnp.inf)}
-  new_state, metrics = jax.jit(train.make_train_step(config, model, optimizer))(state, batch)
+  new_state, metrics = setup.train_step(setup.state, batch)
   assert float(metrics["skipped"]) == 1.0 and int(new_state.step) == 1
-  jax.tree.map(np.testing.assert_array_equal, new_state.params, state.params)
-  jax.tree.map(np.testing.assert_array_equal, new_state.opt_state, state.opt_state)
+  assert int(new_state.nonfinite_streak) == int(metrics["nonfinite_streak"]) == 1
+  jax.tree.map(np.testing.assert_array_equal, new_state.params, before.params)
+  jax.tree.map(np.testing.assert_array_equal, new_state.opt_state, before.opt_state)
 
 
-def test_foreign_model_checkpoint_names_the_mismatch(tmp_path):
-  config = tiny_config(tmp_path, num_train_steps=2)
+def test_foreign_model_checkpoint_names_the_mismatch(tmp_path, tiny_config):
+  config = tiny_config(num_train_steps=2)
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
   config.num_train_steps = 4
@@ -191,23 +182,23 @@ def test_foreign_model_checkpoint_names_the_mismatch(tmp_path):
     train.train_and_evaluate(config, workdir)
 
 
-def test_garbage_checkpoint_directory_gives_a_clear_error(tmp_path):
+def test_garbage_checkpoint_directory_gives_a_clear_error(tmp_path, tiny_config):
   workdir = tmp_path / "run"
   (workdir / "checkpoints" / "7").mkdir(parents=True)
   (workdir / "checkpoints" / "7" / "junk.bin").write_bytes(os.urandom(100))
-  config = tiny_config(tmp_path, num_train_steps=2)
+  config = tiny_config(num_train_steps=2)
   with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/7 is not a readable "
                                                        r"mixtral_jax checkpoint"):
     train.train_and_evaluate(config, str(workdir))
   assert (workdir / "checkpoints" / "7" / "junk.bin").exists()  # nothing deleted
 
 
-def test_info_lists_checkpoints(tmp_path):
-  config = tiny_config(tmp_path, num_train_steps=4, checkpoint_every_steps=2)
+def test_info_lists_checkpoints(tmp_path, tiny_config, repo):
+  config = tiny_config(num_train_steps=4, checkpoint_every_steps=2)
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
   result = subprocess.run([sys.executable, "-m", "mixtral_jax.checkpoint", "info", workdir],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+                          cwd=repo, capture_output=True, text=True, timeout=120)
   lines = result.stdout.strip().splitlines()
   assert [int(line.split()[1]) for line in lines] == [2, 4]
   assert "next batch 4" in lines[1] and "hidden_size=32" in lines[1]

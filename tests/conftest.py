@@ -1,8 +1,9 @@
-"""Test setup: 8 simulated CPU devices, configured before JAX initialises its backend.
+"""Test setup and shared fixtures.
 
-Compiled programs are cached on disk for the session (and the CLI runs it starts): many tests
-compile the same tiny train steps, and a cache hit skips XLA's compile, not any computation.
-pytest-xdist workers inherit the directory from the controlling process, which removes it.
+8 simulated CPU devices, configured before JAX initialises its backend. Compiled programs are
+cached on disk for the session (and the CLI runs it starts): many tests compile the same tiny
+train steps, and a cache hit skips XLA's compile, not any computation. pytest-xdist workers
+inherit the directory from the controlling process, which removes it.
 """
 
 import os
@@ -16,7 +17,52 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _CACHE_DIR = tempfile.mkdtemp(prefix="mixtral_jax_xla_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
 
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from configs import default  # noqa: E402
+from mixtral_jax import build as build_lib  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def pytest_sessionfinish(session, exitstatus):
   if _CACHE_DIR:
     shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
+
+@pytest.fixture
+def repo() -> str:
+  """The repository root (the working directory of CLI runs)."""
+  return REPO
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+  """tiny_config(**overrides): the default config shrunk to a 2-layer model of 4 experts over a
+  16-file Python corpus written into tmp_path/src (data cached in tmp_path/data)."""
+  os.makedirs(tmp_path / "src", exist_ok=True)
+  for i in range(16):
+    (tmp_path / "src" / f"module_{i}.py").write_text("".join(
+        f"def f_{i}_{j}(x, y={j}):\n    return [v * {i + j} for v in range(x) if v > y]\n\n"
+        for j in range(40)))
+
+  def make(**overrides):
+    config = default.get_config()
+    config.update(num_train_steps=12, global_batch_size=8, seq_len=32, log_every_steps=4,
+                  eval_every_steps=8, eval_batches=2, warmup_steps=2)
+    config.model.update(vocab_size=320, hidden_size=32, intermediate_size=48, num_layers=2,
+                        num_heads=4, num_kv_heads=2, head_dim=8, num_experts=4, block_size=16)
+    config.data.update(data_dir=str(tmp_path / "data"), source="files",
+                       files=str(tmp_path / "src" / "*.py"), eval_fraction=0.25)
+    config.update(overrides)
+    return config
+
+  return make
+
+
+@pytest.fixture
+def build_on_one_device():
+  """build_on_one_device(config, abstract=False): `build.build` on the first device alone."""
+  return lambda config, abstract=False: build_lib.build(config, jax.devices()[:1],
+                                                         abstract=abstract)

@@ -15,18 +15,21 @@ import sentencepiece
 import torch
 import transformers
 
-from mixtral_jax import checkpoint, convert, sharding, train
-from train_test import REPO, tiny_config
+from mixtral_jax import build, checkpoint, convert, train
 
 
-def tiny_trained_params(tmp_path, **model_overrides):
-  config = tiny_config(tmp_path)
-  config.model.update(num_layers=3, num_experts=8, **model_overrides)
-  model = train.build_model(config)
-  state = train.init_state(config, model, train.make_optimizer(config))
-  # Larger than the 0.02 init so routing and logits differ clearly between tokens.
-  params = jax.tree.map(lambda p: p * 8.0 if p.ndim > 1 else p, state.params)
-  return config, model, params
+@pytest.fixture
+def tiny_trained_params(tiny_config, build_on_one_device):
+  """tiny_trained_params(**model_overrides) → (config, model, params) of a 3-layer, 8-expert
+  model, its initial weights scaled up to stand in for trained ones."""
+  def make(**model_overrides):
+    config = tiny_config()
+    config.model.update(num_layers=3, num_experts=8, **model_overrides)
+    setup = build_on_one_device(config)
+    # Larger than the 0.02 init so routing and logits differ clearly between tokens.
+    params = jax.tree.map(lambda p: p * 8.0 if p.ndim > 1 else p, setup.state.params)
+    return config, setup.model, params
+  return make
 
 
 def load_hf(path):
@@ -39,8 +42,8 @@ def load_hf(path):
 
 
 @pytest.mark.parametrize("sliding_window", [0, 5])
-def test_hf_logits_match_ours(tmp_path, sliding_window):
-  config, model, params = tiny_trained_params(tmp_path, sliding_window=sliding_window)
+def test_hf_logits_match_ours(tmp_path, tiny_trained_params, sliding_window):
+  config, model, params = tiny_trained_params(sliding_window=sliding_window)
   out = tmp_path / "hf"
   convert.export_hf(params, config.model, str(out))
   hf = load_hf(str(out)).eval()
@@ -58,8 +61,8 @@ def test_hf_logits_match_ours(tmp_path, sliding_window):
   np.testing.assert_allclose(theirs[valid], np.asarray(ours)[valid], atol=1e-4, rtol=0)
 
 
-def test_export_is_sharded_above_threshold_and_atomic(tmp_path):
-  config, model, params = tiny_trained_params(tmp_path)
+def test_export_is_sharded_above_threshold_and_atomic(tmp_path, tiny_trained_params):
+  config, model, params = tiny_trained_params()
   out = tmp_path / "sharded"
   convert.export_hf(params, config.model, str(out), max_shard_bytes=100_000)
   index = json.load(open(out / "model.safetensors.index.json"))
@@ -67,25 +70,22 @@ def test_export_is_sharded_above_threshold_and_atomic(tmp_path):
   tokens = np.arange(10)[None]
   with torch.no_grad():
     sharded = load_hf(str(out))(torch.from_numpy(tokens)).logits.numpy()
-  ours, _ = model.apply({"params": params}, jnp.asarray(tokens))
+  ours, _ = jax.jit(model.apply)({"params": params}, jnp.asarray(tokens))
   np.testing.assert_allclose(sharded, ours, atol=1e-4, rtol=0)
   with pytest.raises(FileExistsError, match="already exists"):
     convert.export_hf(params, config.model, str(out))
   assert [p for p in os.listdir(tmp_path) if p.startswith(".tmp-export-")] == []
 
 
-def test_cli_exports_expert_parallel_checkpoint_like_one_device(tmp_path):
-  config = tiny_config(tmp_path, num_train_steps=2)
+def test_cli_exports_expert_parallel_checkpoint_like_one_device(tmp_path, tiny_config):
+  config = tiny_config(num_train_steps=2)
   config.model.num_experts = 8
   config.mesh.update(data=1, expert=8)
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
   assert convert.main(["to-hf", "--workdir", workdir, "--out", str(tmp_path / "a")]) == 0
   # The same checkpoint restored onto the 8-device expert-parallel mesh, exported from there.
-  mesh = sharding.make_mesh(config.mesh)
-  template = train.init_state(config, train.build_model(config, mesh),
-                              train.make_optimizer(config), mesh)
-  state, _ = checkpoint.Checkpointer(workdir).restore(template)
+  state, _ = build.build(config, abstract=True).restore(checkpoint.Checkpointer(workdir))
   assert len(state.params["layer_0"]["moe"]["experts"]["down"].addressable_shards) == 8
   convert.export_hf(state.params, config.model, str(tmp_path / "b"))
   for name in ("model.safetensors", "config.json"):
@@ -100,8 +100,8 @@ def test_cli_exports_expert_parallel_checkpoint_like_one_device(tmp_path):
   assert hf_tokenizer.decode(ids) == text
 
 
-def test_hf_aux_loss_and_greedy_generation_match_ours(tmp_path):
-  config, model, params = tiny_trained_params(tmp_path)
+def test_hf_aux_loss_and_greedy_generation_match_ours(tmp_path, tiny_trained_params):
+  config, model, params = tiny_trained_params()
   convert.export_hf(params, config.model, str(tmp_path / "hf"))
   hf = load_hf(str(tmp_path / "hf")).eval()
   apply = jax.jit(model.apply)
@@ -144,11 +144,11 @@ def tensors(path):
   return {key: reader._file("model.safetensors").get_tensor(key) for key in reader.keys}
 
 
-def test_hf_round_trips_are_bit_identical(tmp_path):
+def test_hf_round_trips_are_bit_identical(tmp_path, tiny_trained_params):
   hf_tiny(tmp_path / "hf")
   convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
-  params, model_config = convert.restore_params(str(tmp_path / "run"))
-  convert.export_hf(params, model_config, str(tmp_path / "back"))
+  params, config = build.restore_params(str(tmp_path / "run"))
+  convert.export_hf(params, config.model, str(tmp_path / "back"))
   original, back = tensors(tmp_path / "hf"), tensors(tmp_path / "back")
   assert original.keys() == back.keys()
   for key in original:
@@ -158,14 +158,14 @@ def test_hf_round_trips_are_bit_identical(tmp_path):
   hf_tiny(tmp_path / "hf5", fused=True)
   convert.import_hf(str(tmp_path / "hf5"), str(tmp_path / "run5"))
   jax.tree.map(np.testing.assert_array_equal,
-               convert.restore_params(str(tmp_path / "run5"))[0], params)
+               build.restore_params(str(tmp_path / "run5"))[0], params)
 
   # ours → HF → ours.
-  config, _, ours = tiny_trained_params(tmp_path)
+  config, _, ours = tiny_trained_params()
   convert.export_hf(ours, config.model, str(tmp_path / "ours_hf"))
   convert.import_hf(str(tmp_path / "ours_hf"), str(tmp_path / "ours_again"))
   jax.tree.map(np.testing.assert_array_equal,
-               convert.restore_params(str(tmp_path / "ours_again"))[0], ours)
+               build.restore_params(str(tmp_path / "ours_again"))[0], ours)
 
 
 def test_bad_hf_directories_give_one_line_errors(tmp_path, capsys):
@@ -199,9 +199,9 @@ def test_bad_hf_directories_give_one_line_errors(tmp_path, capsys):
     assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
 
 
-def test_training_resumes_from_an_imported_hf_model(tmp_path):
+def test_training_resumes_from_an_imported_hf_model(tmp_path, tiny_config):
   # Our export (with its tokenizer) stands in for a released HF model of the same vocabulary.
-  config = tiny_config(tmp_path, num_train_steps=8)
+  config = tiny_config(num_train_steps=8)
   train.train_and_evaluate(config, str(tmp_path / "pretrain"))
   assert convert.main(["to-hf", "--workdir", str(tmp_path / "pretrain"),
                        "--out", str(tmp_path / "hf")]) == 0
@@ -226,22 +226,24 @@ def test_an_imported_model_resumes_as_a_fresh_state_around_its_params(tmp_path):
   config = convert.import_hf(str(tmp_path / "hf"), workdir)
   items = os.listdir(tmp_path / "run" / "checkpoints" / "0")
   assert "params" in items and "train" not in items  # no optimizer state written
-  optimizer = train.make_optimizer(config)
-  template = train.init_state(config, train.build_model(config), optimizer)  # random params
-  state, meta = checkpoint.Checkpointer(workdir).restore(template)
-  assert meta["data_position"] == 0
-  params, _ = convert.restore_params(workdir)
+  config.global_batch_size = 1  # one device
+  state, meta = build.build(config, jax.devices()[:1], abstract=True).restore(
+      checkpoint.Checkpointer(workdir))
+  assert meta.data_position == 0 and meta.data_state is None
+  params, _ = build.restore_params(workdir)
   jax.tree.map(np.testing.assert_array_equal, state.params, params)
-  # The template's fresh step, AdamW state (zeros whatever the params) and RNG are exactly what
-  # training would start from around the imported parameters.
-  jax.tree.map(np.testing.assert_array_equal, state,
-               train.state_from_params(config, params, optimizer))
+  # Step, AdamW state (zeros whatever the params), RNG and NaN streak are those a fresh run
+  # starts with.
+  fresh = build.build(config, jax.devices()[:1]).state
+  jax.tree.map(np.testing.assert_array_equal, state.replace(params=None),
+               fresh.replace(params=None))
+  assert not any(np.any(np.asarray(x)) for x in jax.tree.leaves(state.opt_state))
   with pytest.raises(checkpoint.CheckpointError, match="holds parameters only"):
-    checkpoint.Checkpointer(workdir).restore(jax.eval_shape(lambda: template))
+    checkpoint.Checkpointer(workdir).restore(fresh)
 
 
-def test_failed_export_leaves_nothing_at_out(tmp_path, monkeypatch):
-  config, _, params = tiny_trained_params(tmp_path)
+def test_failed_export_leaves_nothing_at_out(tmp_path, tiny_trained_params, monkeypatch):
+  config, _, params = tiny_trained_params()
 
   real_tensors = convert.hf_tensors
 
@@ -261,14 +263,13 @@ _SAVE_WITH_OPTIMIZER_STATE = """
 import json, sys
 import jax
 from configs import default
-from mixtral_jax import checkpoint, train
+from mixtral_jax import build, checkpoint
 config = default.get_config()
 config.model.update(hidden_size=384, intermediate_size=384, num_layers=8, num_heads=6,
                     head_dim=64)
-state = train.init_state(config, train.build_model(config), train.make_optimizer(config))
+state = build.build(config).state
 checkpointer = checkpoint.Checkpointer(sys.argv[1])
-checkpointer.save(1, state, {"config": json.loads(config.to_json_best_effort()),
-                             "data_position": 1})
+checkpointer.save(1, state, checkpoint.Meta(json.loads(config.to_json_best_effort()), 1))
 checkpointer.close()
 print(sum(x.nbytes for x in jax.tree.leaves(state.params)))
 """
@@ -285,14 +286,14 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 """
 
 
-def test_conversions_hold_about_one_copy_of_the_parameters(tmp_path):
+def test_conversions_hold_about_one_copy_of_the_parameters(tmp_path, repo):
   # glibc keeps freed buffers under 32 MB (every tensor of this model) cached in its arenas,
   # which RSS would count; a real model's tensors are larger, so mapped and unmapped. A fixed
   # mmap threshold makes this small model's buffers behave the same.
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", MALLOC_MMAP_THRESHOLD_="65536")
 
   def run(script, *args):
-    result = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=env,
+    result = subprocess.run([sys.executable, "-c", script, *args], cwd=repo, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return int(result.stdout.split()[-1])

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from configs import default
+from mixtral_jax import build
 from mixtral_jax import config as config_lib
-from mixtral_jax import router, sharding, train
+from mixtral_jax import router, sharding
+from mixtral_jax import step as step_lib
 from mixtral_jax.expert_parallel import expert_parallel_moe
 from mixtral_jax.hlo_stats import all_to_all_bytes
 
@@ -25,14 +27,6 @@ def tiny_config(mesh_shape=(1, 1, 1, 1), dispatch="dropless", capacity_factor=8.
   return config
 
 
-def setup(config, devices):
-  mesh = sharding.make_mesh(config.mesh, devices)
-  model = train.build_model(config, mesh)
-  optimizer = train.make_optimizer(config)
-  state = train.init_state(config, model, optimizer, mesh)
-  return mesh, model, optimizer, state
-
-
 def batches(num, config):
   # Tokens from 8 of the 64 ids: learnable in a few steps, so the loss curve moves.
   tokens = jax.random.randint(jax.random.PRNGKey(7), (num, config.global_batch_size,
@@ -43,15 +37,15 @@ def batches(num, config):
 
 def run(config, devices, num_steps):
   """(loss, metrics, grads) of the first batch and the losses of `num_steps` train steps."""
-  mesh, model, optimizer, state = setup(config, devices)
-  data = [jax.device_put(b, sharding.batch_sharding(mesh)) for b in batches(num_steps, config)]
-  loss_fn = train.make_loss_fn(model, config.model)
+  setup = build.build(config, devices)
+  data = [jax.device_put(b, setup.batch_sharding) for b in batches(num_steps, config)]
+  loss_fn = step_lib.make_loss_fn(setup.model, config.model)
+  state = setup.state
   (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
       state.params, data[0], jax.random.PRNGKey(0))
-  step = jax.jit(train.make_train_step(config, model, optimizer))
   losses = []
   for batch in data:
-    state, step_metrics = step(state, batch)
+    state, step_metrics = setup.train_step(state, batch)
     losses.append(float(step_metrics["loss"]))
   return loss, metrics, grads, losses
 
@@ -87,7 +81,7 @@ def test_expert_parallel_equals_single_device(mesh_shape, dispatch):
 @pytest.mark.parametrize("mesh_shape", [(2, 1, 4, 1), (1, 1, 8, 1), (1, 2, 2, 2)])
 def test_each_device_holds_its_share_of_experts(mesh_shape):
   config = tiny_config(mesh_shape)
-  _, _, _, state = setup(config, jax.devices())
+  state = build.build(config).state
   ep, fsdp, tensor = mesh_shape[2], mesh_shape[1], mesh_shape[3]
   e, d, i = 8, 32, 48
   moments = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
@@ -106,12 +100,8 @@ def test_each_device_holds_its_share_of_experts(mesh_shape):
 @pytest.mark.parametrize("dispatch,per_layer", [("capacity", 4), ("dropless", 5)])
 def test_all_to_all_count_and_bytes(dispatch, per_layer):
   config = tiny_config((1, 1, 8, 1), dispatch, capacity_factor=1.0)
-  mesh, model, optimizer, state = setup(config, jax.devices())
-  batch_sharding = sharding.batch_sharding(mesh)
-  state_sharding = jax.tree.map(lambda x: x.sharding, state)
-  step = jax.jit(train.make_train_step(config, model, optimizer),
-                 in_shardings=(state_sharding, batch_sharding))
-  hlo = step.lower(state, batches(1, config)[0]).compile().as_text()
+  setup = build.build(config, abstract=True)
+  hlo = setup.train_step.lower(setup.abstract_state, batches(1, config)[0]).compile().as_text()
   sizes = all_to_all_bytes(hlo)
   # Forward: tokens out and results back (dropless also sends each row's expert id);
   # backward: the transposes of the two float exchanges.
@@ -160,9 +150,8 @@ def test_ragged_all_to_all_lowers_forward_and_backward():
   # XLA:CPU cannot compile ragged-all-to-all; lowering checks the program's structure here.
   config = tiny_config((2, 1, 4, 1))
   config.model.all_to_all = "ragged"
-  mesh, model, optimizer, state = setup(config, jax.devices())
-  step = jax.jit(train.make_train_step(config, model, optimizer))
-  text = step.lower(state, batches(1, config)[0]).as_text()
+  setup = build.build(config, abstract=True)  # abstract: not checked against this backend
+  text = setup.train_step.lower(setup.abstract_state, batches(1, config)[0]).as_text()
   # Per layer: rows and expert ids out, results back; the two float transposes backward.
   assert text.count("@ragged_all_to_all(") == 5 * config.model.num_layers
 
@@ -172,7 +161,9 @@ def test_ragged_all_to_all_equals_padded_on_accelerator():
   # Calls the shard_map MoE directly, so that even one GPU (expert axis of 1) runs the
   # ragged collective; with more devices the exchange really crosses them.
   devices = jax.devices()
-  mesh = sharding.make_mesh(tiny_config((1, 1, len(devices), 1)).mesh, devices)
+  config = tiny_config((1, 1, len(devices), 1))
+  config.model.update(grouped_matmul="ragged_dot", capacity_factor=1.0)
+  mesh = sharding.make_mesh(config.mesh, devices)
   e, k, d, i, n = 8, 2, 32, 48, 16 * len(devices)
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
   tokens = jax.random.normal(keys[0], (n, d))
@@ -181,10 +172,12 @@ def test_ragged_all_to_all_equals_padded_on_accelerator():
   down = jax.random.normal(keys[3], (e, i, d)) * 0.2
 
   def loss(all_to_all):
+    config.model.all_to_all = all_to_all
+    model_config = config_lib.model_config(config.model, devices[0].platform)
+
     def f(tokens, weights, gate_up, down):
       out, _ = expert_parallel_moe(tokens, routing.expert_index, weights, gate_up, down,
-                                   mesh=mesh, dispatch="dropless", capacity_factor=1.0,
-                                   block_size=8, matmul="ragged_dot", all_to_all=all_to_all)
+                                   model_config, mesh)
       return jnp.sum(jnp.sin(out))
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
 

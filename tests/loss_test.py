@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from mixtral_jax import loss as loss_lib
-from mixtral_jax import train
-from train_test import tiny_config
+from mixtral_jax import step as step_lib
 
 
 @pytest.mark.parametrize("chunk_length", [1, 5, 8, 21])
@@ -33,17 +32,17 @@ def test_chunked_equals_full_logits(chunk_length):
                                               chunk_length)[1]) == float(weights.sum())
 
 
-def test_train_loss_with_chunked_head_equals_full_logits(tmp_path):
-  config = tiny_config(tmp_path)
-  model = train.build_model(config)
-  params = train.init_state(config, model, train.make_optimizer(config)).params
+def test_train_loss_with_chunked_head_equals_full_logits(tiny_config, build_on_one_device):
+  config = tiny_config()
+  setup = build_on_one_device(config)
+  params = setup.state.params
   tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 13), 0, config.model.vocab_size)
   batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1),
            "weights": jnp.ones((4, 13)).at[:, -3:].set(0.0)}
   results = []
   for chunk_tokens in (0, 20):  # 0: full logits; 20: 5 positions × 4 rows, T padded to 15
     config.model.loss_chunk_tokens = chunk_tokens
-    loss_fn = train.make_loss_fn(train.build_model(config), config.model)
+    loss_fn = step_lib.make_loss_fn(setup.model, config.model)
     results.append(jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
         params, batch, jax.random.PRNGKey(2)))
   (full, full_metrics), full_grads = results[0]

@@ -3,11 +3,11 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from configs import default, mixtral_8x7b
+from mixtral_jax import config as config_lib
 from mixtral_jax import packing
 from mixtral_jax.model import Mixtral, count_params
 
@@ -21,7 +21,7 @@ def tiny_model_config(**overrides):
 
 
 def init(model_config, tokens, seed=0):
-  model = Mixtral(ml_collections.FrozenConfigDict(model_config))
+  model = Mixtral(config_lib.model_config(model_config, "cpu"))
   params = nn.unbox(model.init(jax.random.PRNGKey(seed), tokens))["params"]
   # Larger weights than the 0.02 init so differences show up well above float noise.
   params = jax.tree.map(lambda p: p * 5.0 if p.ndim > 1 else p, params)
@@ -81,7 +81,7 @@ def test_packed_rows_equal_documents_run_alone():
 
 def test_mixtral_8x7b_parameter_counts():
   config = mixtral_8x7b.get_config()
-  model = Mixtral(ml_collections.FrozenConfigDict(config.model))
+  model = Mixtral(config_lib.model_config(config.model, "cpu"))
   shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0),
                                                       jnp.zeros((1, 1), jnp.int32)))["params"])
   total, active = count_params(shapes, config.model)
@@ -92,8 +92,8 @@ def test_mixtral_8x7b_parameter_counts():
 def test_bfloat16_and_remat_agree_with_float32():
   tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 16), 0, 97)
   model32, params = init(tiny_model_config(), tokens)
-  model16 = Jitted(Mixtral(ml_collections.FrozenConfigDict(tiny_model_config(dtype="bfloat16"))))
-  remat = Jitted(Mixtral(ml_collections.FrozenConfigDict(tiny_model_config(remat=True))))
+  model16 = Jitted(Mixtral(config_lib.model_config(tiny_model_config(dtype="bfloat16"), "cpu")))
+  remat = Jitted(Mixtral(config_lib.model_config(tiny_model_config(remat=True), "cpu")))
   loss = lambda model: lambda p: jnp.mean(
       jax.nn.log_softmax(model.apply({"params": p}, tokens, deterministic=False)[0])[..., 0])
   l32, g32 = jax.jit(jax.value_and_grad(loss(model32)))(params)

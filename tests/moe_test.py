@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import default
+from mixtral_jax import config as config_lib
 from mixtral_jax import dispatch, grouped_matmul, oracle
 from mixtral_jax.experts import swiglu
 from mixtral_jax.moe import MoE
@@ -14,7 +16,11 @@ NUM_EXPERTS, K, HIDDEN, INTER = 8, 2, 32, 48
 
 
 def moe_and_params(dispatch_mode, gmm="blocked", capacity_factor=8.0, block_size=16, seed=0):
-  module = MoE(NUM_EXPERTS, K, INTER, dispatch_mode, capacity_factor, block_size, gmm)
+  model = default.get_config().model
+  model.update(num_experts=NUM_EXPERTS, experts_per_token=K, intermediate_size=INTER,
+               dispatch=dispatch_mode, capacity_factor=capacity_factor, block_size=block_size,
+               grouped_matmul=gmm)
+  module = MoE(config_lib.model_config(model, "cpu"))
   x = jax.random.normal(jax.random.PRNGKey(seed), (3, 40, HIDDEN))
   params = nn.unbox(module.init(jax.random.PRNGKey(seed + 1), x))["params"]
   # Larger than the 0.02 init so outputs and gradients are O(1) and the tolerance means something.

@@ -1,70 +1,52 @@
-"""Training loop: overfitting one batch, an end-to-end run with metrics, the CLI, bad configs."""
+"""Training loop: overfitting one batch, an end-to-end run with metrics, the CLI, bad configs,
+one program for training and benchmarks, no per-step device reads, no flags on import."""
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
+from mixtral_jax import build as build_lib
 from mixtral_jax import checkpoint
 from mixtral_jax import config as config_lib
+from mixtral_jax import data as data_lib
 from mixtral_jax import train
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(tmp_path, **overrides):
-  config = default.get_config()
-  config.update(num_train_steps=12, global_batch_size=8, seq_len=32, log_every_steps=4,
-                eval_every_steps=8, eval_batches=2, warmup_steps=2)
-  config.model.update(vocab_size=320, hidden_size=32, intermediate_size=48, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, num_experts=4, block_size=16)
-  config.data.update(data_dir=str(tmp_path / "data"), source="files",
-                     files=str(tmp_path / "src" / "*.py"), eval_fraction=0.25)
-  os.makedirs(tmp_path / "src", exist_ok=True)
-  for i in range(16):
-    (tmp_path / "src" / f"module_{i}.py").write_text("".join(
-        f"def f_{i}_{j}(x, y={j}):\n    return [v * {i + j} for v in range(x) if v > y]\n\n"
-        for j in range(40)))
-  config.update(overrides)
-  return config
 
 
 @pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
-def test_tiny_model_overfits_one_batch(tmp_path, dispatch):
-  config = tiny_config(tmp_path, learning_rate=1e-2, warmup_steps=10, num_train_steps=300,
+def test_tiny_model_overfits_one_batch(tiny_config, build_on_one_device, dispatch):
+  config = tiny_config(learning_rate=1e-2, warmup_steps=10, num_train_steps=300,
                        weight_decay=0.0, global_batch_size=4, seq_len=32)
   config.model.update(vocab_size=64, hidden_size=64, intermediate_size=64, dispatch=dispatch,
                       router_aux_loss_coef=0.0, router_z_loss_coef=0.0)
-  model = train.build_model(config)
-  optimizer = train.make_optimizer(config)
-  state = train.init_state(config, model, optimizer)
-  step = jax.jit(train.make_train_step(config, model, optimizer))
+  setup = build_on_one_device(config)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (4, 33), 0, 64)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": jnp.ones((4, 32))}
+  state = setup.state
   for _ in range(config.num_train_steps):
-    state, metrics = step(state, batch)
+    state, metrics = setup.train_step(state, batch)
   assert float(metrics["ce_loss"]) < 0.1
 
 
-def test_gradient_accumulation_matches_one_big_batch(tmp_path):
-  config = tiny_config(tmp_path)
+def test_gradient_accumulation_matches_one_big_batch(tiny_config, build_on_one_device):
+  config = tiny_config(global_batch_size=4)
   # Router losses are per micro-batch statistics; the token-mean cross-entropy is not.
   config.model.update(router_aux_loss_coef=0.0, router_z_loss_coef=0.0)
-  model = train.build_model(config)
-  optimizer = train.make_optimizer(config)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (4, 33), 0, 320)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": jnp.ones((4, 32))}
   results = []
   for accum in (1, 2, 4):
     config.grad_accum_steps = accum
-    state = train.init_state(config, model, optimizer)
-    results.append(jax.jit(train.make_train_step(config, model, optimizer))(state, batch))
+    setup = build_on_one_device(config)
+    results.append(setup.train_step(setup.state, batch))
   (state1, metrics1), *accumulated = results
   for state, metrics in accumulated:
     np.testing.assert_allclose(metrics["ce_loss"], metrics1["ce_loss"], rtol=1e-5)
@@ -73,8 +55,8 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
                  state.params, state1.params)
 
 
-def test_training_run_writes_metrics_and_learns(tmp_path):
-  config = tiny_config(tmp_path, num_train_steps=40, learning_rate=1e-2, log_every_steps=10,
+def test_training_run_writes_metrics_and_learns(tmp_path, tiny_config):
+  config = tiny_config(num_train_steps=40, learning_rate=1e-2, log_every_steps=10,
                        eval_every_steps=20)
   summary = train.train_and_evaluate(config, str(tmp_path / "run"))
   records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
@@ -91,8 +73,8 @@ def test_training_run_writes_metrics_and_learns(tmp_path):
   assert summary["eval_loss"] < summary["unigram_entropy"]
 
 
-def test_resume_continues_exactly(tmp_path):
-  config = tiny_config(tmp_path, num_train_steps=12, checkpoint_every_steps=0, log_every_steps=1)
+def test_resume_continues_exactly(tmp_path, tiny_config):
+  config = tiny_config(num_train_steps=12, checkpoint_every_steps=0, log_every_steps=1)
   train.train_and_evaluate(config, str(tmp_path / "straight"))
   train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_at_step=6)
   assert train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_at_step=6) == {
@@ -104,16 +86,15 @@ def test_resume_continues_exactly(tmp_path):
   assert losses("resumed") == losses("straight")  # every step, bitwise
   assert sorted(losses("resumed")) == list(range(1, 13))
 
-  model = train.build_model(config)
-  template = train.init_state(config, model, train.make_optimizer(config))
-  finals = [checkpoint.Checkpointer(str(tmp_path / run)).restore(template)
+  setup = build_lib.build(config, abstract=True)
+  finals = [setup.restore(checkpoint.Checkpointer(str(tmp_path / run)))
             for run in ("straight", "resumed")]
   assert int(finals[0][0].step) == int(finals[1][0].step) == 12
-  assert finals[0][1]["data_position"] == finals[1][1]["data_position"] == 12
+  assert finals[0][1].data_position == finals[1][1].data_position == 12
   jax.tree.map(np.testing.assert_array_equal, finals[0][0], finals[1][0])
 
 
-def test_invalid_config_fails_before_compiling_with_field_name(tmp_path):
+def test_invalid_config_fails_before_compiling_with_field_name(tiny_config):
   cases = {
       "model.experts_per_token": dict(experts_per_token=5),
       "model.num_heads": dict(num_heads=3),
@@ -125,29 +106,142 @@ def test_invalid_config_fails_before_compiling_with_field_name(tmp_path):
       "data.num_streams": dict(num_streams=0),
   }
   for field, overrides in cases.items():
-    config = tiny_config(tmp_path)
+    config = tiny_config()
     (config.data if field.startswith("data.") else config.model).update(overrides)
     with pytest.raises(config_lib.ConfigError, match=f"^config\\.{field.replace('.', '[.]')}:"):
       config_lib.validate(config)
 
 
-def test_cli_reports_bad_config_in_one_line(tmp_path):
+def test_cli_reports_bad_config_in_one_line(tmp_path, repo):
   result = subprocess.run(
-      [sys.executable, "-m", "mixtral_jax.train", "--config=configs/default.py",
+      [sys.executable, "-m", "mixtral_jax.main", "--config=configs/default.py",
        f"--workdir={tmp_path / 'run'}", "--config.model.experts_per_token=9"],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
+      cwd=repo, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1] == (
       "error: config.model.experts_per_token: 9 exceeds model.num_experts=8")
   assert not os.path.exists(tmp_path / "run")
 
 
-def test_cli_reports_a_glob_matching_nothing_in_one_line(tmp_path):
+def test_cli_reports_a_glob_matching_nothing_in_one_line(tmp_path, repo):
+  # Through the old entry point, `python -m mixtral_jax.train`, which runs the same CLI.
   result = subprocess.run(
       [sys.executable, "-m", "mixtral_jax.train", "--config=configs/default.py",
        f"--workdir={tmp_path / 'run'}", "--config.data.source=files",
        f"--config.data.files={tmp_path}/corpus/*.txt", f"--config.data.data_dir={tmp_path}"],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
+      cwd=repo, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1] == (
       f"error: config.data.files: '{tmp_path}/corpus/*.txt' matches no files")
+
+
+def _compiled_text(step, *args) -> str:
+  """The compiled HLO without source-location metadata (which names the calling frames)."""
+  text = step.lower(*args).compile().as_text()
+  text = re.sub(r"\nFileNames\n.*?\nStackFrames\n.*?\n\n", "\n", text, flags=re.S)
+  return re.sub(r', metadata=\{(?:"(?:[^"\\]|\\.)*"|[^{}"])*\}', "", text)
+
+
+def test_benchmark_step_is_the_program_training_runs(tmp_path, tiny_config, repo, monkeypatch):
+  sys.path.insert(0, repo)
+  from benchmarks import reference
+  config = tiny_config(num_train_steps=1)
+  setups = []
+  real_build = build_lib.build
+  monkeypatch.setattr(build_lib, "build", lambda *a, **k: setups.append(real_build(*a, **k))
+                      or setups[-1])
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  trained, = setups
+  # Training's step as the loop called it: on a batch from the real data pipeline.
+  data = data_lib.make_data(config)
+  batch = data_lib.global_batch(next(data.train_iterator()), trained.batch_sharding)
+  trained_text = _compiled_text(trained.train_step, trained.abstract_state, batch)
+  ours = reference.Ours(config)
+  bench_batch = reference.make_batches(1, config.global_batch_size, config.seq_len,
+                                       config.model.vocab_size)[0]
+  bench_text = _compiled_text(ours.step_fn, ours.state, bench_batch)
+  assert "input_output_alias" in trained_text  # the state is donated
+  assert "metadata=" not in trained_text and "StackFrames" not in trained_text
+  assert bench_text == trained_text
+
+
+def _forbid_device_reads(monkeypatch):
+  """Makes every device→host read on this thread raise, except inside train._device_reads.
+
+  XLA:CPU ignores jax's transfer guards (its arrays live in host memory), so the reads are
+  caught where jax.Array converts to host values; arrays spread over several devices (these
+  tests have 8) have no zero-copy buffer to bypass that. Returns the list of steps (train_step
+  calls so far) at which the loop entered its read scope.
+  """
+  array_type = type(jax.numpy.zeros(()))
+  allowed, reads, calls = [], [], [0]
+
+  def guarded(method):
+    def f(self, *args, **kwargs):
+      if not allowed and threading.current_thread() is threading.main_thread():
+        raise AssertionError("device→host read outside train._device_reads")
+      return method(self, *args, **kwargs)
+    return f
+
+  monkeypatch.setattr(array_type, "_value", property(guarded(array_type._value.fget)))
+  monkeypatch.setattr(array_type, "__array__", guarded(array_type.__array__))
+  monkeypatch.setattr(array_type, "item", guarded(array_type.item))
+
+  real_scope = train._device_reads
+
+  class Scope:
+    def __enter__(self):
+      reads.append(calls[0])
+      allowed.append(True)
+      self.inner = real_scope()
+      return self.inner.__enter__()
+
+    def __exit__(self, *exc):
+      allowed.pop()
+      return self.inner.__exit__(*exc)
+
+  monkeypatch.setattr(train, "_device_reads", Scope)
+  real_build = build_lib.build
+
+  def counting_build(*args, **kwargs):
+    setup = real_build(*args, **kwargs)
+    step = setup.train_step
+
+    def counted(*step_args):
+      calls[0] += 1
+      return step(*step_args)
+    return dataclasses.replace(setup, train_step=counted)
+
+  monkeypatch.setattr(build_lib, "build", counting_build)
+  return reads
+
+
+def test_loop_reads_no_device_value_between_log_steps(tmp_path, tiny_config, monkeypatch):
+  config = tiny_config(num_train_steps=12, log_every_steps=6, eval_every_steps=0,
+                       checkpoint_every_steps=0)
+  probe = jax.device_put(jnp.arange(8.0), jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.array(jax.devices()), ("d",)), jax.sharding.PartitionSpec("d")))
+  reads = _forbid_device_reads(monkeypatch)
+  for read in (lambda: float(probe[0]), lambda: np.asarray(probe), lambda: jax.device_get(probe)):
+    with pytest.raises(AssertionError, match="outside train._device_reads"):
+      read()  # the guard catches each way of reading
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert np.isfinite(summary["eval_loss"])
+  # Logs of steps 1 and 6, each read once the next step is queued; at step 12 the evaluation,
+  # the checkpoint's NaN check and save, then step 12's log.
+  assert reads == [2, 7, 12, 12, 12]
+
+
+def test_importing_the_library_defines_no_flags(repo):
+  script = (
+      "from absl import flags\n"
+      "import mixtral_jax.train, mixtral_jax.build, mixtral_jax.convert, mixtral_jax.checkpoint\n"
+      "by_module = flags.FLAGS.flags_by_module_dict\n"
+      "ours = lambda: sorted(m for m in by_module() if 'mixtral_jax' in m)\n"
+      "print(ours())\n"
+      "import mixtral_jax.main\n"
+      "print(ours(), sorted(f.name for f in by_module()['mixtral_jax.main']))\n")
+  result = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.splitlines() == ["[]", "['mixtral_jax.main'] ['config', 'workdir']"]
