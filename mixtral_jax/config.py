@@ -145,7 +145,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
   for name in ("eval_every_steps", "checkpoint_every_steps", "warmup_steps", "max_nan_steps"):
     value = config[name]
     _require(isinstance(value, int) and value >= 0, name, f"must be a non-negative integer, got {value!r}")
-  _require(config.learning_rate > 0, "learning_rate", f"must be positive, got {config.learning_rate}")
+  _require(math.isfinite(config.learning_rate) and config.learning_rate > 0, "learning_rate",
+           f"must be positive and finite, got {config.learning_rate}")
+  for name in ("adam_b1", "adam_b2"):
+    _require(0 <= config[name] < 1, name, f"must be in [0, 1), got {config[name]}")
+  _require(math.isfinite(config.adam_eps) and config.adam_eps > 0, "adam_eps",
+           f"must be positive and finite (it keeps AdamW's update finite), got {config.adam_eps}")
+  _require(math.isfinite(config.weight_decay) and config.weight_decay >= 0, "weight_decay",
+           f"must be >= 0 and finite, got {config.weight_decay}")
   _require(config.global_batch_size % config.grad_accum_steps == 0, "global_batch_size",
            f"{config.global_batch_size} is not divisible by grad_accum_steps={config.grad_accum_steps}")
   _require(0 <= config.min_learning_rate_ratio <= 1, "min_learning_rate_ratio",

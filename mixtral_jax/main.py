@@ -8,6 +8,7 @@
 
 import logging as pylogging
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -15,6 +16,8 @@ from ml_collections import config_flags
 from mixtral_jax import checkpoint as checkpoint_lib
 from mixtral_jax import config as config_lib
 from mixtral_jax import cpu_runtime
+from mixtral_jax import files
+from mixtral_jax import interrupt
 from mixtral_jax import sources
 from mixtral_jax import train
 
@@ -35,8 +38,11 @@ def main(argv) -> None:
     cpu_runtime.reuse_step_memory()
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except interrupt.Interrupted as e:
+    print(e, file=sys.stderr, flush=True)
+    raise SystemExit(128 + e.signum) from None  # the shell's code for death by that signal
   except (config_lib.ConfigError, checkpoint_lib.CheckpointError, sources.DataError,
-          train.NonFiniteError) as e:
+          files.LockedError, train.NonFiniteError) as e:
     raise SystemExit(f"error: {e}") from None
 
 

@@ -6,6 +6,8 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from mixtral_jax.files import write_atomically
+
 
 def _jsonable(value: Any) -> Any:
   value = np.asarray(value)
@@ -29,6 +31,21 @@ class MetricsWriter:
     record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
+
+  def truncate(self, last_step: int) -> None:
+    """Drops the records after `last_step`, which a run resumed from there logs again (and a
+    line cut short by a killed process)."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    kept = []
+    with open(self.path) as f:
+      for line in f:
+        try:
+          if json.loads(line)["step"] <= last_step:
+            kept.append(line)
+        except (ValueError, KeyError, TypeError):
+          continue
+    write_atomically(self.path, "".join(kept).encode())
 
 
 def _duration(seconds: float) -> str:

@@ -94,8 +94,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: Mixtral,
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
-    # A NaN/Inf loss or gradient leaves parameters and moments as they were; the batch is spent.
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    # A NaN/Inf loss, gradient or update (finite gradients can still give one, e.g. through
+    # the optimizer's moments) leaves parameters and moments as they were; the batch is spent.
+    finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) &
+              jnp.isfinite(optax.tree.norm(updates)))
     keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     params = keep_if_finite(params, state.params)
     opt_state = keep_if_finite(opt_state, state.opt_state)

@@ -6,6 +6,7 @@ that too. Importing this module defines no flags.
 
 import json
 import os
+import signal
 import time
 from typing import Any, Optional, Sequence
 
@@ -13,12 +14,14 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from mixtral_jax import build as build_lib
 from mixtral_jax import checkpoint as checkpoint_lib
 from mixtral_jax import data as data_lib
+from mixtral_jax import interrupt
 from mixtral_jax import metrics as metrics_lib
-from mixtral_jax.files import write_atomically
+from mixtral_jax.files import DirectoryLock, write_atomically
 from mixtral_jax.model import count_params
 
 
@@ -78,19 +81,47 @@ class _Interval:
     return mean, streak, seconds
 
 
+def _stop_signal(stops: interrupt.StopRequests, log_step: bool) -> Optional[int]:
+  """The signal to stop on, if any. With several processes they must agree on the step (the
+  save is collective), so each one's signal is shared at log steps only."""
+  if jax.process_count() == 1:
+    return stops.received
+  if not log_step:
+    return None
+  with _device_reads():
+    received = multihost_utils.process_allgather(np.int32(stops.received or 0))
+  return int(np.max(received)) or None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stop_at_step: Optional[int] = None,
                        devices: Optional[Sequence[jax.Device]] = None) -> dict[str, Any]:
   """Trains `config` in `workdir` on `devices` (default: all) and returns a summary.
 
   Resumes from the latest checkpoint in `workdir` if there is one. `stop_at_step` ends the run
-  early (with a checkpoint), as a preemption would, without changing the schedule. The summary
-  holds the first and last logged loss, the last evaluation and the corpus's unigram entropy.
+  early (with a checkpoint), as a preemption would, without changing the schedule. SIGTERM or
+  Ctrl-C does the same at the next step boundary, then raises interrupt.Interrupted. The
+  summary holds the first and last logged loss, the last evaluation and the corpus's unigram
+  entropy. Raises files.LockedError if another run holds the workdir.
   """
   setup = build_lib.build(config, devices, abstract=True)  # validates before anything is written
   primary = jax.process_index() == 0  # writes the workdir's shared files
   data = data_lib.make_process_data(config)
   os.makedirs(workdir, exist_ok=True)
+  lock = DirectoryLock(workdir)
+  if primary:
+    lock.acquire()
+  try:
+    with interrupt.StopRequests() as stops:
+      return _train(setup, data, workdir, stop_at_step, stops)
+  finally:
+    lock.release()
+
+
+def _train(setup: build_lib.Setup, data: data_lib.LMData, workdir: str,
+           stop_at_step: Optional[int], stops: interrupt.StopRequests) -> dict[str, Any]:
+  config = setup.config
+  primary = jax.process_index() == 0
   if primary:
     write_atomically(os.path.join(workdir, "config.json"),
                      config.to_json_best_effort(indent=2).encode())
@@ -120,6 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         flush=True)
 
   writer = metrics_lib.MetricsWriter(workdir, enabled=primary)
+  writer.truncate(start_step)  # steps logged after the checkpoint are about to be redone
   progress = metrics_lib.ProgressBar(config.num_train_steps)
   tokens_per_step = config.global_batch_size * config.seq_len
   summary = {"first_loss": None, "final_loss": None}
@@ -146,7 +178,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if pending:  # the last log step's metrics, read now that this step is queued behind it
       write_log(*pending)
       pending = None
-    is_last = step == last_step
+    log_step = step % config.log_every_steps == 0 or step == start_step + 1
+    stop_signal = _stop_signal(stops, log_step)
+    is_last = step == last_step or stop_signal is not None
     evaluated = {}
     if (config.eval_every_steps and step % config.eval_every_steps == 0 or
         step == config.num_train_steps):
@@ -158,13 +192,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         _check_finite(int(metrics["nonfinite_streak"]), step, config, checkpointer)
         checkpointer.save(step, state, checkpoint_lib.Meta(
             saved_config, batches.step, data_lib.gather_data_states(batches)))
-    if step % config.log_every_steps == 0 or is_last or step == start_step + 1:
+    if log_step or is_last:
       pending, interval = (step, interval, evaluated), _Interval()
     elif evaluated:  # an eval step between log steps: its own record
       writer.write(step, evaluated)
+    if is_last:
+      break
   write_log(*pending)
 
   checkpointer.close()
+  if stop_signal is not None:
+    raise interrupt.Interrupted(
+        stop_signal, f"stopped by {signal.Signals(stop_signal).name} at step {step}: checkpoint "
+        f"{step} saved; run the same command again to resume")
   summary.update(unigram_entropy=data.unigram_entropy, **eval_metrics)
   print("done: " + json.dumps(summary), flush=True)
   return summary

@@ -61,32 +61,6 @@ def test_params_restore_alone_without_the_optimizer_state(tmp_path, tiny_config,
     checkpointer.restore_params(abstract)
 
 
-def _cli(workdir, config, steps, extra=()):
-  args = [sys.executable, "-u", "-m", "mixtral_jax.main", "--config=configs/default.py",
-          f"--workdir={workdir}"]
-  overrides = {"num_train_steps": steps, "global_batch_size": 8, "seq_len": 32,
-               "log_every_steps": 1, "eval_every_steps": 0, "eval_batches": 2,
-               "checkpoint_every_steps": 2, "keep_checkpoints": 100, "warmup_steps": 2,
-               "model.vocab_size": 320, "model.hidden_size": 32, "model.intermediate_size": 48,
-               "model.num_layers": 2, "model.num_heads": 4, "model.num_kv_heads": 2,
-               "model.head_dim": 8, "model.num_experts": 4, "model.block_size": 16,
-               "data.data_dir": config.data.data_dir, "data.source": config.data.source,
-               "data.files": config.data.files, "data.eval_fraction": 0.25}
-  args += [f"--config.{k}={v}" for k, v in overrides.items()] + list(extra)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  return args, env
-
-
-def _tree_digest(path):
-  digest = {}
-  for root, _, names in os.walk(path):
-    for name in names:
-      full = os.path.join(root, name)
-      with open(full, "rb") as f:
-        digest[os.path.relpath(full, path)] = hash(f.read())
-  return digest
-
-
 def _final_loss(workdir):
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   return records[-1]["step"], records[-1]["loss"]
@@ -104,12 +78,12 @@ def _run_and_kill(args, env, at_line, repo):
   assert proc.returncode == -signal.SIGKILL
 
 
-def test_kill_9_resumes_from_last_complete_checkpoint(tmp_path, tiny_config, repo):
+def test_kill_9_resumes_from_last_complete_checkpoint(tmp_path, train_command, digest, repo):
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-  args, env = _cli(straight, tiny_config(), 16)
+  args, env = train_command(straight, 16)
   subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True, timeout=300)
 
-  args, env = _cli(killed, tiny_config(), 16)
+  args, env = train_command(killed, 16)
   checkpoints = os.path.join(killed, "checkpoints")
   _run_and_kill(args, env, "step 5/", repo)  # between saves (every 2 steps)
   # A step's log line follows the start of its async save: killing right then catches the
@@ -122,15 +96,18 @@ def test_kill_9_resumes_from_last_complete_checkpoint(tmp_path, tiny_config, rep
   assert partial, "no kill landed while a save was in flight"
   complete = checkpoint.Checkpointer(killed, read_only=True).all_steps()
   assert max(complete) == save_step - 2
-  digests = {s: _tree_digest(os.path.join(checkpoints, str(s))) for s in complete}
+  digests = {s: digest(os.path.join(checkpoints, str(s))) for s in complete}
 
   result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert f"resuming from checkpoint at step {max(complete)}" in result.stdout
   assert _final_loss(killed) == _final_loss(straight)
-  for step, digest in digests.items():
-    assert _tree_digest(os.path.join(checkpoints, str(step))) == digest
+  for step in digests:
+    assert digest(os.path.join(checkpoints, str(step))) == digests[step]
   assert not [d for d in os.listdir(checkpoints) if not d.isdigit()]  # leftovers cleaned up
+  # Steps logged after the last checkpoint and redone by the resumed run appear once.
+  steps = [json.loads(line)["step"] for line in open(os.path.join(killed, "metrics.jsonl"))]
+  assert steps == list(range(1, 17))
 
 
 def test_nan_steps_are_not_applied_and_stop_the_run(tmp_path, tiny_config, monkeypatch):
@@ -166,6 +143,25 @@ def test_nonfinite_step_leaves_parameters_unchanged(tiny_config, build_on_one_de
   new_state, metrics = setup.train_step(setup.state, batch)
   assert float(metrics["skipped"]) == 1.0 and int(new_state.step) == 1
   assert int(new_state.nonfinite_streak) == int(metrics["nonfinite_streak"]) == 1
+  jax.tree.map(np.testing.assert_array_equal, new_state.params, before.params)
+  jax.tree.map(np.testing.assert_array_equal, new_state.opt_state, before.opt_state)
+
+
+def test_a_nonfinite_update_from_finite_gradients_is_not_applied(tiny_config,
+                                                                 build_on_one_device):
+  setup = build_on_one_device(tiny_config())
+  # Negative second moments: AdamW's square root makes the update NaN while the loss and the
+  # gradients stay finite (as adam_eps=0 does where a gradient is 0).
+  negative_nu = lambda s: s._replace(nu=jax.tree.map(lambda v: -jnp.ones_like(v), s.nu))
+  state = setup.state.replace(opt_state=jax.tree.map(
+      lambda s: negative_nu(s) if hasattr(s, "nu") else s, setup.state.opt_state,
+      is_leaf=lambda s: hasattr(s, "nu")))
+  before = jax.device_get(state)
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (8, 33), 0, 320)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": jnp.ones((8, 32))}
+  new_state, metrics = setup.train_step(state, batch)
+  assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+  assert float(metrics["skipped"]) == 1.0
   jax.tree.map(np.testing.assert_array_equal, new_state.params, before.params)
   jax.tree.map(np.testing.assert_array_equal, new_state.opt_state, before.opt_state)
 

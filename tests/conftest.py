@@ -8,6 +8,7 @@ inherit the directory from the controlling process, which removes it.
 
 import os
 import shutil
+import sys
 import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -59,6 +60,46 @@ def tiny_config(tmp_path):
     return config
 
   return make
+
+
+@pytest.fixture
+def train_command(tiny_config):
+  """train_command(workdir, steps, *flags) → (argv, env) of `mixtral-train` on tiny_config()'s
+  model and corpus: logs every step, checkpoints every 2 steps and keeps them all."""
+  config = tiny_config()
+
+  def make(workdir, steps, *flags):
+    overrides = {"num_train_steps": steps, "global_batch_size": 8, "seq_len": 32,
+                 "log_every_steps": 1, "eval_every_steps": 0, "eval_batches": 2,
+                 "checkpoint_every_steps": 2, "keep_checkpoints": 100, "warmup_steps": 2,
+                 "model.vocab_size": 320, "model.hidden_size": 32, "model.intermediate_size": 48,
+                 "model.num_layers": 2, "model.num_heads": 4, "model.num_kv_heads": 2,
+                 "model.head_dim": 8, "model.num_experts": 4, "model.block_size": 16,
+                 "data.data_dir": config.data.data_dir, "data.source": config.data.source,
+                 "data.files": config.data.files, "data.eval_fraction": 0.25}
+    args = [sys.executable, "-u", "-m", "mixtral_jax.main", "--config=configs/default.py",
+            f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    return args + list(flags), env
+
+  return make
+
+
+def tree_digest(path) -> dict[str, int]:
+  """{relative path: hash of contents} of every file under `path`."""
+  digest = {}
+  for root, _, names in os.walk(path):
+    for name in names:
+      full = os.path.join(root, name)
+      with open(full, "rb") as f:
+        digest[os.path.relpath(full, path)] = hash(f.read())
+  return digest
+
+
+@pytest.fixture
+def digest():
+  """digest(path): `tree_digest`, to show that nothing saved was changed."""
+  return tree_digest
 
 
 @pytest.fixture

@@ -69,6 +69,9 @@ def test_training_run_writes_metrics_and_learns(tmp_path, tiny_config):
     assert load.shape == (2, 4)
     np.testing.assert_allclose(load.sum(axis=1), 1.0, rtol=1e-5)
   assert {r["step"] for r in records if "eval_loss" in r} == {20, 40}
+  for name in ("config.json", "tokenizer.model", "metrics.jsonl"):  # shared like any file
+    mode = os.stat(tmp_path / "run" / name).st_mode & 0o777
+    assert mode == 0o666 & ~_umask(), (name, oct(mode))
   assert summary["final_loss"] < summary["first_loss"] - 1.0
   assert summary["eval_loss"] < summary["unigram_entropy"]
 
@@ -123,6 +126,25 @@ def test_cli_reports_bad_config_in_one_line(tmp_path, repo):
   assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.parametrize("flag,message", [
+    ("adam_eps=0.0", "config.adam_eps: must be positive and finite (it keeps AdamW's update "
+                     "finite), got 0.0"),
+    ("learning_rate=inf", "config.learning_rate: must be positive and finite, got inf"),
+    ("adam_b2=1.0", "config.adam_b2: must be in [0, 1), got 1.0"),
+])
+def test_cli_refuses_optimizer_settings_that_would_train_on_nan(tmp_path, train_command, digest,
+                                                                repo, flag, message):
+  workdir = str(tmp_path / "run")
+  args, env = train_command(workdir, 2)
+  subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True, timeout=300)
+  saved = digest(workdir)
+  args, env = train_command(workdir, 4, f"--config.{flag}")
+  result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == f"error: {message}"
+  assert digest(workdir) == saved
+
+
 def test_cli_reports_a_glob_matching_nothing_in_one_line(tmp_path, repo):
   # Through the old entry point, `python -m mixtral_jax.train`, which runs the same CLI.
   result = subprocess.run(
@@ -133,6 +155,12 @@ def test_cli_reports_a_glob_matching_nothing_in_one_line(tmp_path, repo):
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1] == (
       f"error: config.data.files: '{tmp_path}/corpus/*.txt' matches no files")
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def _compiled_text(step, *args) -> str:
@@ -233,9 +261,15 @@ def test_loop_reads_no_device_value_between_log_steps(tmp_path, tiny_config, mon
 
 
 def test_importing_the_library_defines_no_flags(repo):
+  # Every module but main.py, the command line.
   script = (
+      "import importlib, pkgutil\n"
       "from absl import flags\n"
-      "import mixtral_jax.train, mixtral_jax.build, mixtral_jax.convert, mixtral_jax.checkpoint\n"
+      "import mixtral_jax\n"
+      "names = [m.name for m in pkgutil.iter_modules(mixtral_jax.__path__) if m.name != 'main']\n"
+      "assert {'train', 'build', 'step', 'convert'} <= set(names), names\n"
+      "for name in names:\n"
+      "  importlib.import_module('mixtral_jax.' + name)\n"
       "by_module = flags.FLAGS.flags_by_module_dict\n"
       "ours = lambda: sorted(m for m in by_module() if 'mixtral_jax' in m)\n"
       "print(ours())\n"

@@ -1,0 +1,90 @@
+"""Stopping a run: SIGTERM and Ctrl-C save at the next step and exit; a busy workdir is refused."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+
+import pytest
+
+from mixtral_jax import checkpoint
+
+
+def _start(args, env, repo, until: str) -> subprocess.Popen:
+  """Starts `args` and returns once it printed a line starting with `until`."""
+  proc = subprocess.Popen(args, cwd=repo, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  for line in proc.stdout:
+    if line.startswith(until):
+      return proc
+  raise AssertionError(f"never printed {until!r}: {proc.stderr.read()[-2000:]}")
+
+
+def _steps(workdir):
+  return [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def _losses(workdir):
+  return {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(workdir,
+                                                                          "metrics.jsonl")))}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_at_the_next_step_and_a_rerun_resumes(tmp_path, train_command, digest,
+                                                            repo, signum):
+  straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+  args, env = train_command(straight, 14, "--config.checkpoint_every_steps=0")
+  subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True, timeout=300)
+
+  # Checkpoints only at the end: whatever is saved, the signal saved.
+  args, env = train_command(stopped, 14, "--config.checkpoint_every_steps=0")
+  proc = _start(args, env, repo, "step 4/")
+  proc.send_signal(signum)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signum, stderr[-2000:]
+  name = signal.Signals(signum).name
+  last = stderr.strip().splitlines()[-1]
+  match = re.fullmatch(rf"stopped by {name} at step (\d+): checkpoint (\d+) saved; run the "
+                       rf"same command again to resume", last)
+  assert match and match[1] == match[2], last
+  step = int(match[1])
+  assert 4 <= step < 14
+  checkpoints = os.path.join(stopped, "checkpoints")
+  assert checkpoint.Checkpointer(stopped, read_only=True).all_steps() == [step]
+  assert os.listdir(checkpoints) == [str(step)]  # complete: no save left in flight
+  assert _steps(stopped)[-1] == step
+  saved = digest(os.path.join(checkpoints, str(step)))
+
+  result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"resuming from checkpoint at step {step}" in result.stdout
+  assert _losses(stopped) == _losses(straight)  # every step, bitwise
+  assert _steps(stopped) == list(range(1, 15))
+  assert digest(os.path.join(checkpoints, str(step))) == saved
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused_and_a_dead_ones_lock_is_not(
+    tmp_path, train_command, digest, repo):
+  workdir = str(tmp_path / "run")
+  args, env = train_command(workdir, 5000)
+  first = _start(args, env, repo, "step 3/")
+  before = {k: v for k, v in digest(workdir).items() if not k.startswith("checkpoints")}
+  # Another learning rate: had it got past the lock, its config.json would differ.
+  args, env = train_command(workdir, 5000, "--config.learning_rate=0.01")
+  second = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+  assert second.returncode == 1
+  assert second.stderr.strip().splitlines()[-1] == (
+      f"error: {workdir} is in use by another run (pid {first.pid}); wait for it to end or "
+      f"choose another workdir")
+  after = {k: v for k, v in digest(workdir).items() if not k.startswith("checkpoints")}
+  assert {k: v for k, v in after.items() if k != "metrics.jsonl"} == {
+      k: v for k, v in before.items() if k != "metrics.jsonl"}  # config, tokenizer: the first's
+  first.kill()  # SIGKILL: its lock file stays behind, its lock does not
+  first.wait(timeout=60)
+  assert os.path.exists(os.path.join(workdir, ".lock"))
+  args, env = train_command(workdir, 4)
+  third = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+  assert third.returncode == 0, third.stderr[-2000:]
+  assert ("nothing to do: the checkpoint is at step" in third.stdout or
+          "resuming from checkpoint at step" in third.stdout)
