@@ -93,6 +93,10 @@ class Checkpointer:
     """Step of the newest complete checkpoint, or None."""
     return self._manager.latest_step()
 
+  def holds_train_state(self, step: int) -> bool:
+    """Whether checkpoint `step` has a train state (not only parameters, as an HF import)."""
+    return self._manager.item_metadata(step).get("train") is not None
+
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 

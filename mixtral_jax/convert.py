@@ -161,6 +161,14 @@ def model_config_from_hf(hf_dir: str) -> ml_collections.ConfigDict:
     raise ConversionError(f"{path}: model_type is {hf.get('model_type')!r}, not 'mixtral'")
   model = default.get_config().model
   rope = hf.get("rope_parameters") or {}
+  try:
+    _update_from_hf(model, hf, rope)
+  except KeyError as e:
+    raise ConversionError(f"{path}: no {e.args[0]!r} field, which a Mixtral config has") from None
+  return model
+
+
+def _update_from_hf(model: ml_collections.ConfigDict, hf: dict, rope: dict) -> None:
   model.update(
       vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
       intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
@@ -170,7 +178,6 @@ def model_config_from_hf(hf_dir: str) -> ml_collections.ConfigDict:
       rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 1e6))),
       rms_norm_eps=hf["rms_norm_eps"], sliding_window=hf.get("sliding_window") or 0,
       router_aux_loss_coef=hf.get("router_aux_loss_coef", model.router_aux_loss_coef))
-  return model
 
 
 class _SafetensorsReader:

@@ -220,9 +220,16 @@ def _get_tokenizer(config: ml_collections.ConfigDict,
     path = os.path.join(os.path.expanduser(config.data.data_dir), "tokenizers",
                         f"{corpus.name}-bpe{vocab_size}.model")
     if not os.path.exists(path):
+      if vocab_size < tokenizer_lib.MIN_VOCAB_SIZE:
+        raise sources.DataError(
+            f"config.model.vocab_size={vocab_size} is too small for a trained tokenizer: byte "
+            f"fallback needs at least {tokenizer_lib.MIN_VOCAB_SIZE} pieces")
       with _timed(f"Training a {vocab_size}-piece BPE tokenizer"):
         tokenizer_lib.train_tokenizer(corpus.train, vocab_size, path)
-  tokenizer = tokenizer_lib.load_tokenizer(path)
+  try:
+    tokenizer = tokenizer_lib.load_tokenizer(path)
+  except (OSError, ValueError) as e:
+    raise sources.DataError(f"config.data.tokenizer_path: {e}") from None
   if tokenizer.vocab_size() != vocab_size:
     raise sources.DataError(f"tokenizer {path} has vocab size {tokenizer.vocab_size()} but "
                             f"config.model.vocab_size is {vocab_size}")

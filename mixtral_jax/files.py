@@ -30,6 +30,25 @@ def write_atomically(path: str, contents: bytes) -> None:
     raise
 
 
+class DirectoryError(ValueError):
+  """A directory cannot be used; the message names it and why."""
+
+
+def make_directory(path: str, what: str) -> None:
+  """Creates `path` (or checks the one there) as a writable directory; `what` names it (a flag)
+  in the one-line DirectoryError otherwise."""
+  if not path:
+    raise DirectoryError(f"{what} is empty; name a directory")
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise DirectoryError(f"{what}={path} is a file, not a directory")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise DirectoryError(f"{what}={path}: cannot create it ({e.strerror})") from None
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise DirectoryError(f"{what}={path} is not writable")
+
+
 class LockedError(RuntimeError):
   """Another live process holds the lock; the message names the directory and its pid."""
 

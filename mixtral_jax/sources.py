@@ -110,9 +110,13 @@ def read_documents(paths: Sequence[str], text_key: str,
     logging.warning("Skipped %d binary or non-UTF-8 files of %d.", skipped, len(paths))
 
 
+def _key_hash(key: str) -> float:
+  return int(_sha1(key)[:16], 16) / 16**16
+
+
 def is_eval_document(key: str, eval_fraction: float) -> bool:
   """Holds out ~eval_fraction of documents, chosen by key hash so the split never changes."""
-  return int(_sha1(key)[:16], 16) / 16**16 < eval_fraction
+  return _key_hash(key) < eval_fraction
 
 
 class TextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -126,6 +130,8 @@ class TextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def __init__(self, *, paths: Sequence[str], text_key: str, eval_fraction: float,
                data_dir: str):
     self._paths, self._text_key, self._eval_fraction = list(paths), text_key, eval_fraction
+    # Set when the hash split leaves a split empty (a small corpus): the document moved over.
+    self._moved_to_eval = self._moved_to_train = None
     stats = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in self._paths]
     self.corpus_id = _sha1(json.dumps([stats, text_key, eval_fraction, str(self.VERSION)]))[:12]
     super().__init__(data_dir=os.path.join(data_dir, f"files_{self.corpus_id}"),
@@ -137,12 +143,28 @@ class TextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         features=tfds.features.FeaturesDict({"text": tfds.features.Text(),
                                              "key": tfds.features.Text()}))
 
+  def _is_eval(self, key: str) -> bool:
+    return key == self._moved_to_eval or (key != self._moved_to_train and
+                                          is_eval_document(key, self._eval_fraction))
+
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     counts = {"train": 0, "eval": 0}
+    lowest = highest = None  # (hash, key) of the documents first held out / last kept
     for key, _ in read_documents(self._paths, self._text_key):
       counts["eval" if is_eval_document(key, self._eval_fraction) else "train"] += 1
-    if not any(counts.values()):
+      lowest = min(lowest or (2.0, key), (_key_hash(key), key))
+      highest = max(highest or (-1.0, key), (_key_hash(key), key))
+    total = sum(counts.values())
+    if not total:
       raise DataError(f"the {len(self._paths)} files of the corpus hold no UTF-8 text documents")
+    if total == 1:
+      raise DataError("the corpus holds 1 document: training needs at least 2, one of them held "
+                      "out for evaluation")
+    # Too few documents for the fraction: hold out (or keep) the one the hash ranks first.
+    if not counts["eval"] and self._eval_fraction > 0:
+      self._moved_to_eval, counts = lowest[1], {"train": total - 1, "eval": 1}
+    elif not counts["train"]:
+      self._moved_to_train, counts = highest[1], {"train": 1, "eval": total - 1}
     for split, count in counts.items():
       if not count:  # TFDS cannot write an empty split
         raise DataError(f"config.data.eval_fraction={self._eval_fraction} leaves the {split} "
@@ -151,7 +173,7 @@ class TextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, split: str):
     for key, text in read_documents(self._paths, self._text_key, warn=False):
-      if is_eval_document(key, self._eval_fraction) == (split == "eval"):
+      if self._is_eval(key) == (split == "eval"):
         yield key, {"text": text, "key": key}
 
 

@@ -16,6 +16,8 @@ from mixtral_jax import sources
 from mixtral_jax.files import write_atomically
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# 256 byte pieces (byte fallback) + the 4 specials.
+MIN_VOCAB_SIZE = 260
 
 # SentencePiece's own default; it silently skips longer sentences.
 _MAX_SENTENCE_BYTES = 4192
@@ -108,8 +110,9 @@ def main(argv=None) -> int:
                      help="train on (about) this many characters from the start of the files")
   args = parser.parse_args(argv)
   try:
-    if args.vocab < 260:  # 256 byte pieces + 4 specials
-      raise ValueError(f"--vocab {args.vocab} is too small: byte fallback needs at least 260")
+    if args.vocab < MIN_VOCAB_SIZE:
+      raise ValueError(f"--vocab {args.vocab} is too small: byte fallback needs at least "
+                       f"{MIN_VOCAB_SIZE}")
     texts = (text for _, text in sources.read_documents(sources.match_files(args.files, field='--files'),
                                                         args.text_key))
     train_tokenizer(texts, args.vocab, args.out, args.max_train_chars)

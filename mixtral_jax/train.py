@@ -18,7 +18,9 @@ from jax.experimental import multihost_utils
 
 from mixtral_jax import build as build_lib
 from mixtral_jax import checkpoint as checkpoint_lib
+from mixtral_jax import config as config_lib
 from mixtral_jax import data as data_lib
+from mixtral_jax import files
 from mixtral_jax import interrupt
 from mixtral_jax import metrics as metrics_lib
 from mixtral_jax.files import DirectoryLock, write_atomically
@@ -102,43 +104,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   early (with a checkpoint), as a preemption would, without changing the schedule. SIGTERM or
   Ctrl-C does the same at the next step boundary, then raises interrupt.Interrupted. The
   summary holds the first and last logged loss, the last evaluation and the corpus's unigram
-  entropy. Raises files.LockedError if another run holds the workdir.
+  entropy. Raises files.DirectoryError if `workdir` cannot be a writable directory,
+  files.LockedError if another run holds it, config.ConfigError if
+  the checkpoint's config differs where it must not. Nothing in `workdir` changes until the
+  config, the lock and the checkpoint (if any) are checked.
   """
-  setup = build_lib.build(config, devices, abstract=True)  # validates before anything is written
-  primary = jax.process_index() == 0  # writes the workdir's shared files
-  data = data_lib.make_process_data(config)
-  os.makedirs(workdir, exist_ok=True)
+  setup = build_lib.build(config, devices, abstract=True)  # validates the config
+  files.make_directory(workdir, "--workdir")
   lock = DirectoryLock(workdir)
-  if primary:
+  if jax.process_index() == 0:
     lock.acquire()
   try:
     with interrupt.StopRequests() as stops:
-      return _train(setup, data, workdir, stop_at_step, stops)
+      return _train(setup, workdir, stop_at_step, stops)
   finally:
     lock.release()
 
 
-def _train(setup: build_lib.Setup, data: data_lib.LMData, workdir: str,
-           stop_at_step: Optional[int], stops: interrupt.StopRequests) -> dict[str, Any]:
+def _restore_or_init(setup: build_lib.Setup, checkpointer: checkpoint_lib.Checkpointer):
+  """(state, start step, this process's data state) to train from, checking the checkpoint's
+  config against this run's first."""
+  config, step = setup.config, checkpointer.latest_step()
+  if step is None:
+    return setup.init_state(), 0, None
+  where = os.path.join(checkpointer.directory, str(step))
+  saved = checkpointer.meta(step).config
+  if not checkpointer.holds_train_state(step):  # an HF import: only its model is a given
+    saved = {**config_lib.json_of(config), "model": saved.get("model", {})}
+  changes = config_lib.check_resume(saved, config, where)
+  if changes:
+    logging.warning("Resuming %s with changed settings: %s", where, "; ".join(changes))
+  state, meta = setup.restore(checkpointer, step)
+  with _device_reads():
+    start_step = int(state.step)
+  workdir = os.path.dirname(checkpointer.directory)
+  print(f"resuming from checkpoint at step {start_step} in {workdir}", flush=True)
+  return state, start_step, data_lib.process_data_state(meta.data_state)
+
+
+def _train(setup: build_lib.Setup, workdir: str, stop_at_step: Optional[int],
+           stops: interrupt.StopRequests) -> dict[str, Any]:
   config = setup.config
-  primary = jax.process_index() == 0
+  primary = jax.process_index() == 0  # writes the workdir's shared files
+  checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
+  state, start_step, data_state = _restore_or_init(setup, checkpointer)
+  data = data_lib.make_process_data(config)
   if primary:
     write_atomically(os.path.join(workdir, "config.json"),
                      config.to_json_best_effort(indent=2).encode())
     # The run's own copy of its tokenizer, for export (mixtral-convert) and inference.
     write_atomically(os.path.join(workdir, "tokenizer.model"),
                      data.tokenizer.serialized_model_proto())
-  checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
-  if checkpointer.latest_step() is None:
-    state, start_step, data_state = setup.init_state(), 0, None
-  else:
-    state, meta = setup.restore(checkpointer)
-    with _device_reads():
-      start_step = int(state.step)
-    data_state = data_lib.process_data_state(meta.data_state)
-    print(f"resuming from checkpoint at step {start_step} in {workdir}", flush=True)
   batches = data.train_iterator(data_state)
-  saved_config = json.loads(config.to_json_best_effort())
+  saved_config = config_lib.json_of(config)
   last_step = min(config.num_train_steps, stop_at_step or config.num_train_steps)
   if start_step >= last_step:
     checkpointer.close()

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mixtral_jax import build, checkpoint, sharding, train
+from mixtral_jax import config as config_lib
 
 
 def restored_on(config, workdir, mesh_shape, devices):
@@ -166,16 +167,56 @@ def test_a_nonfinite_update_from_finite_gradients_is_not_applied(tiny_config,
   jax.tree.map(np.testing.assert_array_equal, new_state.opt_state, before.opt_state)
 
 
-def test_foreign_model_checkpoint_names_the_mismatch(tmp_path, tiny_config):
+def test_foreign_model_checkpoint_names_the_mismatch(tmp_path, tiny_config, digest):
   config = tiny_config(num_train_steps=2)
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
+  saved = {k: v for k, v in digest(workdir).items() if k != ".lock"}
   config.num_train_steps = 4
   config.model.hidden_size = 64
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"^config\.model\.hidden_size: 64 here, 32 in .*checkpoints/2: model, "
+                           r"tokenizer and data settings must match to resume"):
+    train.train_and_evaluate(config, workdir)
+  # Told to resume anyway, the tensors still do not fit.
+  config.allow_resume_changes = True
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"checkpoints/2 does not match this model: params/embed is "
                            r"\(320, 32\) there, \(320, 64\) here"):
     train.train_and_evaluate(config, workdir)
+  assert {k: v for k, v in digest(workdir).items() if k != ".lock"} == saved  # config.json too
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("seed", 1, r"^config\.seed: 1 here, 0 in "),
+    ("data.eval_fraction", 0.5, r"^config\.data\.eval_fraction: 0\.5 here, 0\.25 in "),
+    ("grad_clip_norm", 0.0, r"^config\.grad_clip_norm: 0\.0 here, 1\.0 in .*: turning clipping on "
+                            r"or off changes the optimizer state's structure"),
+])
+def test_resuming_with_other_data_or_optimizer_structure_is_refused(
+    tmp_path, tiny_config, digest, field, value, message):
+  config = tiny_config(num_train_steps=2)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  saved = {k: v for k, v in digest(workdir).items() if k != ".lock"}
+  config.num_train_steps = 4
+  section, _, name = field.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    train.train_and_evaluate(config, workdir)
+  assert {k: v for k, v in digest(workdir).items() if k != ".lock"} == saved
+
+
+def test_resuming_with_another_schedule_warns_and_continues(tmp_path, tiny_config, caplog):
+  config = tiny_config(num_train_steps=2)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  config.update(num_train_steps=4, learning_rate=1e-2, log_every_steps=2)
+  summary = train.train_and_evaluate(config, workdir)
+  assert np.isfinite(summary["final_loss"])
+  warning, = [r.getMessage() for r in caplog.records if "changed settings" in r.getMessage()]
+  assert "learning_rate: 0.003 → 0.01" in warning and "num_train_steps: 2 → 4" in warning
+  assert "log_every_steps" not in warning  # how often it logs is no change to the training
 
 
 def test_garbage_checkpoint_directory_gives_a_clear_error(tmp_path, tiny_config):

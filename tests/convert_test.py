@@ -183,6 +183,12 @@ def test_bad_hf_directories_give_one_line_errors(tmp_path, capsys):
   os.link(tmp_path / "hf" / "model.safetensors", wrong_experts / "model.safetensors")
   cases[wrong_experts] = "block_sparse_moe.gate.weight has shape (4, 16), expected (6, 16)"
 
+  missing_field = tmp_path / "missing_field"
+  missing_field.mkdir()
+  (missing_field / "config.json").write_text(json.dumps(
+      {k: v for k, v in hf_config.items() if k != "num_local_experts"}))
+  cases[missing_field] = "no 'num_local_experts' field, which a Mixtral config has"
+
   missing_shard = tmp_path / "missing_shard"
   missing_shard.mkdir()
   (missing_shard / "config.json").write_text(json.dumps(hf_config))

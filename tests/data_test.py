@@ -102,6 +102,25 @@ def test_local_files_build_a_tfds_dataset_of_every_document(tmp_path, corpus_dir
   assert list(again.eval) == held_out
 
 
+def test_a_small_corpus_still_holds_out_one_document(tmp_path):
+  # 17 names that the 2% hash split would all keep for training.
+  names = [n for n in (f"LICENSE-{i}.txt" for i in range(100))
+           if not sources.is_eval_document(n, 0.02)][:17]
+  root = tmp_path / "licenses"
+  root.mkdir()
+  for i, name in enumerate(names):
+    (root / name).write_text(_text(i))
+  corpus = sources.open_corpus(_config(tmp_path, files=f"{root}/*.txt", eval_fraction=0.02).data)
+  assert len(corpus.eval) == 1 and len(corpus.train) == 16
+  assert sorted(list(corpus.train) + list(corpus.eval)) == sorted(_text(i) for i in range(17))
+  # One document is too few, in one line.
+  (tmp_path / "one").mkdir()
+  (tmp_path / "one" / "LICENSE").write_text(_text(0))
+  with pytest.raises(sources.DataError, match=r"^the corpus holds 1 document: training needs "
+                                              r"at least 2"):
+    sources.open_corpus(_config(tmp_path, files=f"{tmp_path}/one/*").data)
+
+
 def test_jsonl_text_key_selects_the_field(tmp_path):
   root = tmp_path / "jsonl"
   root.mkdir()

@@ -18,6 +18,7 @@ from mixtral_jax import build as build_lib
 from mixtral_jax import checkpoint
 from mixtral_jax import config as config_lib
 from mixtral_jax import data as data_lib
+from mixtral_jax import tokenizer as tokenizer_lib
 from mixtral_jax import train
 
 
@@ -143,6 +144,50 @@ def test_cli_refuses_optimizer_settings_that_would_train_on_nan(tmp_path, train_
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == f"error: {message}"
   assert digest(workdir) == saved
+
+
+@pytest.mark.parametrize("case", ["field typo", "config file missing", "tokenizer missing",
+                                  "tokenizer corrupt", "tokenizer vocab", "vocab too small",
+                                  "workdir file", "workdir empty", "workdir under a file"])
+def test_cli_reports_bad_input_in_one_line(tmp_path, train_command, repo, case):
+  workdir = tmp_path / "run"
+  bogus = tmp_path / "bogus.model"
+  bogus.write_bytes(b"not a sentencepiece model")
+  other_vocab = str(tmp_path / "vocab300.model")
+  if case == "tokenizer vocab":
+    tokenizer_lib.train_tokenizer([f"def f{i}(x):\n    return x * {i}\n" for i in range(300)],
+                                  300, other_vocab)
+  flags, message = {
+      "field typo": (["--config.learnig_rate=0.1"], "error: a --config.* flag names "
+                     "'learnig_rate', which is no config field; did you mean learning_rate?"),
+      "config file missing": ([f"--config={tmp_path}/nope.py"],
+                              f"error: --config={tmp_path}/nope.py: cannot load it ([Errno 2] No "
+                              f"such file or directory: '{tmp_path}/nope.py')"),
+      "tokenizer missing": ([f"--config.data.tokenizer_path={tmp_path}/nope.model"],
+                            "error: config.data.tokenizer_path: SentencePiece model not found: "
+                            f"{tmp_path}/nope.model"),
+      "tokenizer corrupt": ([f"--config.data.tokenizer_path={bogus}"],
+                            f"error: config.data.tokenizer_path: Not a valid SentencePiece model: "
+                            f"{bogus}"),
+      "tokenizer vocab": ([f"--config.data.tokenizer_path={other_vocab}"],
+                          f"error: tokenizer {other_vocab} has vocab size 300 but "
+                          f"config.model.vocab_size is 320"),
+      "vocab too small": (["--config.model.vocab_size=100"],
+                          "error: config.model.vocab_size=100 is too small for a trained "
+                          "tokenizer: byte fallback needs at least 260 pieces"),
+      "workdir file": ([f"--workdir={bogus}"],
+                       f"error: --workdir={bogus} is a file, not a directory"),
+      "workdir empty": (["--workdir="], "error: --workdir is empty; name a directory"),
+      "workdir under a file": ([f"--workdir={bogus}/run"], f"error: --workdir={bogus}/run: "
+                               f"cannot create it (Not a directory)"),
+  }[case]
+  args, env = train_command(str(workdir), 2, *flags)
+  result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == message
+  assert "Traceback" not in result.stderr
+  assert not workdir.exists() or not (workdir / "config.json").exists()
+  assert bogus.read_bytes() == b"not a sentencepiece model"
 
 
 def test_cli_reports_a_glob_matching_nothing_in_one_line(tmp_path, repo):
