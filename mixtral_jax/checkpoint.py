@@ -11,6 +11,7 @@ and cleaned up on restart.
     python -m mixtral_jax.checkpoint info WORKDIR
 """
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -22,6 +23,14 @@ import orbax.checkpoint as ocp
 
 class CheckpointError(ValueError):
   """A checkpoint cannot be used; the message names the directory and what does not match."""
+
+
+class DamagedCheckpointError(CheckpointError):
+  """A checkpoint's files cannot be read back (truncated, corrupt): an older one may serve."""
+
+
+def _first_line(e: Exception) -> str:
+  return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
 def _path_str(path) -> str:
@@ -106,8 +115,8 @@ class Checkpointer:
       return Meta.from_json(self._manager.restore(
           step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
     except Exception as e:
-      raise CheckpointError(f"{self._step_dir(step)} is not a readable mixtral_jax checkpoint "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+      raise DamagedCheckpointError(f"{self._step_dir(step)} is not a readable mixtral_jax "
+                                   f"checkpoint ({_first_line(e)})") from None
 
   def _check_shapes(self, step: int, meta: Meta, metadata, targets: dict[str, Any]) -> None:
     """Raises CheckpointError naming the first tensor of `targets` whose saved shape differs."""
@@ -141,8 +150,12 @@ class Checkpointer:
     elif from_params is None:
       raise CheckpointError(f"{self._step_dir(step)} holds parameters only (no optimizer state)")
     self._check_shapes(step, meta, metadata, targets)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        **{item: _restore_args(target) for item, target in targets.items()}))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          **{item: _restore_args(target) for item, target in targets.items()}))
+    except Exception as e:  # the shapes matched: the files themselves are bad
+      raise DamagedCheckpointError(f"{self._step_dir(step)} is damaged: its arrays do not read "
+                                   f"back ({_first_line(e)})") from None
     if "train" not in restored:
       return from_params(restored["params"]), meta
     return abstract_state.replace(params=restored["params"], **restored["train"]), meta
@@ -159,29 +172,54 @@ class Checkpointer:
     return self._manager.restore(step, args=ocp.args.Composite(
         params=_restore_args(abstract_params)))["params"]
 
+  def set_aside(self, step: int) -> str:
+    """Renames damaged checkpoint `step` to `<step>.damaged` (kept for a look, no longer a
+    step, so training can save that step again); returns the new path."""
+    aside = f"{self._step_dir(step)}.damaged"
+    os.replace(self._step_dir(step), aside)
+    self._manager.reload()
+    return aside
+
+  @contextlib.contextmanager
+  def _saving(self):
+    """Turns a failed save (e.g. a full disk), now or one in flight, into a one-line error."""
+    try:
+      yield
+    except Exception as e:
+      raise CheckpointError(f"saving a checkpoint in {self.directory} failed ({_first_line(e)}); "
+                            f"the last complete checkpoint is step {self.latest_step()}") from None
+
+  def check(self) -> None:
+    """Raises CheckpointError if an async save in flight has failed; cheap, never waits."""
+    with self._saving():
+      self._manager.check_for_errors()
+
   def save(self, step: int, state: Any, meta: Meta) -> None:
     """Starts an async save of `state` and `meta` as checkpoint `step`."""
-    self._manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
-        train=ocp.args.StandardSave(_train_item(state)),
-        meta=ocp.args.JsonSave(dataclasses.asdict(meta))), force=True)
+    with self._saving():
+      self._manager.save(step, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(state.params),
+          train=ocp.args.StandardSave(_train_item(state)),
+          meta=ocp.args.JsonSave(dataclasses.asdict(meta))), force=True)
 
   def save_params(self, step: int, params: Any, meta: Meta) -> None:
     """Starts an async save of `params` and `meta` alone (no train state) as checkpoint `step`.
 
     Pass jax arrays: Orbax copies numpy arrays whole before writing them.
     """
-    self._manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(dataclasses.asdict(meta))),
-        force=True)
+    with self._saving():
+      self._manager.save(step, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(params),
+          meta=ocp.args.JsonSave(dataclasses.asdict(meta))), force=True)
 
   def wait(self) -> None:
     """Blocks until in-flight saves are complete."""
-    self._manager.wait_until_finished()
+    with self._saving():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
     """Waits for in-flight saves, then releases the manager."""
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
 
 

@@ -225,7 +225,12 @@ def _get_tokenizer(config: ml_collections.ConfigDict,
             f"config.model.vocab_size={vocab_size} is too small for a trained tokenizer: byte "
             f"fallback needs at least {tokenizer_lib.MIN_VOCAB_SIZE} pieces")
       with _timed(f"Training a {vocab_size}-piece BPE tokenizer"):
-        tokenizer_lib.train_tokenizer(corpus.train, vocab_size, path)
+        try:
+          tokenizer_lib.train_tokenizer(corpus.train, vocab_size, path)
+        except RuntimeError as e:  # SentencePiece's reason follows its source location
+          reason = str(e).strip().splitlines()[0].rsplit("] ", 1)[-1]
+          raise sources.DataError(f"cannot train a {vocab_size}-piece tokenizer on "
+                                  f"{corpus.name}: {reason}") from None
   try:
     tokenizer = tokenizer_lib.load_tokenizer(path)
   except (OSError, ValueError) as e:

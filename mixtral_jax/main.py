@@ -23,8 +23,15 @@ from mixtral_jax import sources
 from mixtral_jax import train
 
 def _only_our_info(record: pylogging.LogRecord) -> bool:
-  """Keeps warnings and our own progress; drops libraries' INFO chatter (Orbax logs every save)."""
-  return record.levelno >= pylogging.WARNING or f"{os.sep}mixtral_jax{os.sep}" in record.pathname
+  """Keeps warnings and our own progress; drops libraries' INFO chatter (Orbax logs every save).
+
+  Orbax's background threads log a failed save with its traceback; the loop reports the
+  failure in one line, so their record keeps its message line only.
+  """
+  ours = f"{os.sep}mixtral_jax{os.sep}" in record.pathname
+  if f"{os.sep}orbax{os.sep}" in record.pathname:
+    record.exc_info = record.exc_text = None
+  return ours or record.levelno >= pylogging.WARNING
 
 
 def _config_error(e: Exception, argv: list[str]) -> SystemExit:

@@ -122,11 +122,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _restore_or_init(setup: build_lib.Setup, checkpointer: checkpoint_lib.Checkpointer):
-  """(state, start step, this process's data state) to train from, checking the checkpoint's
-  config against this run's first."""
-  config, step = setup.config, checkpointer.latest_step()
-  if step is None:
-    return setup.init_state(), 0, None
+  """(state, start step, this process's data state) to train from: the latest checkpoint that
+  reads back, its config checked against this run's first; a fresh state if there is none.
+
+  A damaged checkpoint (files that do not read back) is set aside with a warning and the one
+  before it used; if the oldest is damaged too, its one-line error is raised.
+  """
+  steps = checkpointer.all_steps()
+  for step in reversed(steps):
+    try:
+      return _restore(setup, checkpointer, step)
+    except checkpoint_lib.DamagedCheckpointError as e:
+      if step == steps[0]:
+        raise
+      if jax.process_index() == 0:
+        aside = checkpointer.set_aside(step)
+        logging.warning("%s; set aside as %s, resuming from the checkpoint before it", e, aside)
+  return setup.init_state(), 0, None
+
+
+def _restore(setup: build_lib.Setup, checkpointer: checkpoint_lib.Checkpointer, step: int):
+  config = setup.config
   where = os.path.join(checkpointer.directory, str(step))
   saved = checkpointer.meta(step).config
   if not checkpointer.holds_train_state(step):  # an HF import: only its model is a given
@@ -193,6 +209,7 @@ def _train(setup: build_lib.Setup, workdir: str, stop_at_step: Optional[int],
     state, metrics = setup.train_step(state, data_lib.global_batch(next(batches),
                                                                   setup.batch_sharding))
     interval.metrics.append(metrics)
+    checkpointer.check()  # a save that failed in the background stops the run now
     if pending:  # the last log step's metrics, read now that this step is queued behind it
       write_log(*pending)
       pending = None

@@ -36,10 +36,17 @@ def test_restore_onto_other_meshes_gives_identical_parameters(tmp_path, tiny_con
                               ((1, 1, 1, 1), jax.devices()[:1])):
     other = restored_on(config, workdir, mesh_shape, devices)
     jax.tree.map(np.testing.assert_array_equal, other, original)
-  # Resuming on another mesh continues the run.
-  config.num_train_steps = 6
+  # Resumed on another mesh, the run continues as on its own (up to summation order).
+  same_mesh = str(tmp_path / "same_mesh")
+  shutil.copytree(workdir, same_mesh)
+  config.update(num_train_steps=6, log_every_steps=1)
+  train.train_and_evaluate(config, same_mesh)
   config.mesh.update(data=1, expert=8)
-  assert train.train_and_evaluate(config, workdir)["final_loss"] > 0
+  train.train_and_evaluate(config, workdir)
+  losses = lambda run: [r["loss"] for r in map(json.loads, open(os.path.join(run,
+                                                                             "metrics.jsonl")))]
+  assert len(losses(workdir)) == len(losses(same_mesh)) > 2
+  np.testing.assert_allclose(losses(workdir), losses(same_mesh), rtol=1e-5)
 
 
 def test_params_restore_alone_without_the_optimizer_state(tmp_path, tiny_config,
@@ -87,6 +94,9 @@ def test_kill_9_resumes_from_last_complete_checkpoint(tmp_path, train_command, d
   args, env = train_command(killed, 16)
   checkpoints = os.path.join(killed, "checkpoints")
   _run_and_kill(args, env, "step 5/", repo)  # between saves (every 2 steps)
+  first = checkpoint.Checkpointer(killed, read_only=True).all_steps()
+  assert first  # and none of these may change from here on
+  first_digests = {s: digest(os.path.join(checkpoints, str(s))) for s in first}
   # A step's log line follows the start of its async save: killing right then catches the
   # save in flight, leaving Orbax's temporary directory instead of a step directory.
   for save_step in (8, 10, 12):
@@ -105,6 +115,7 @@ def test_kill_9_resumes_from_last_complete_checkpoint(tmp_path, train_command, d
   assert _final_loss(killed) == _final_loss(straight)
   for step in digests:
     assert digest(os.path.join(checkpoints, str(step))) == digests[step]
+  assert {s: digest(os.path.join(checkpoints, str(s))) for s in first} == first_digests
   assert not [d for d in os.listdir(checkpoints) if not d.isdigit()]  # leftovers cleaned up
   # Steps logged after the last checkpoint and redone by the resumed run appear once.
   steps = [json.loads(line)["step"] for line in open(os.path.join(killed, "metrics.jsonl"))]
@@ -239,3 +250,31 @@ def test_info_lists_checkpoints(tmp_path, tiny_config, repo):
   lines = result.stdout.strip().splitlines()
   assert [int(line.split()[1]) for line in lines] == [2, 4]
   assert "next batch 4" in lines[1] and "hidden_size=32" in lines[1]
+
+
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_one_before_used(tmp_path, tiny_config,
+                                                                          digest, caplog):
+  config = tiny_config(num_train_steps=8, checkpoint_every_steps=2, keep_checkpoints=5,
+                       log_every_steps=1)
+  workdir, straight = str(tmp_path / "run"), str(tmp_path / "straight")
+  train.train_and_evaluate(config, workdir, stop_at_step=6)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  kept = {step: digest(os.path.join(checkpoints, str(step))) for step in (2, 4)}
+  # Truncate the largest array file of checkpoint 6.
+  files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(checkpoints, "6"))
+           for name in names]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.truncate(os.path.getsize(largest) // 2)
+
+  train.train_and_evaluate(config, workdir)
+  warning, = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
+  assert "checkpoints/6 is damaged" in warning and len(warning.splitlines()) == 1
+  assert os.path.isdir(os.path.join(checkpoints, "6.damaged"))
+  for step, saved in kept.items():
+    assert digest(os.path.join(checkpoints, str(step))) == saved
+  assert checkpoint.Checkpointer(workdir, read_only=True).all_steps() == [2, 4, 6, 8]
+  train.train_and_evaluate(config, straight)
+  losses = lambda run: {r["step"]: r["loss"] for r in map(json.loads, open(
+      os.path.join(run, "metrics.jsonl")))}
+  assert losses(workdir) == losses(straight)  # steps 5 and 6 redone exactly, logged once

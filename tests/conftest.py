@@ -65,7 +65,7 @@ def tiny_config(tmp_path):
 @pytest.fixture
 def train_command(tiny_config):
   """train_command(workdir, steps, *flags) → (argv, env) of `mixtral-train` on tiny_config()'s
-  model and corpus: logs every step, checkpoints every 2 steps and keeps them all."""
+  model and corpus, on one device: logs every step, checkpoints every 2 steps, keeps them all."""
   config = tiny_config()
 
   def make(workdir, steps, *flags):
@@ -79,7 +79,8 @@ def train_command(tiny_config):
                  "data.files": config.data.files, "data.eval_fraction": 0.25}
     args = [sys.executable, "-u", "-m", "mixtral_jax.main", "--config=configs/default.py",
             f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    # One device, as `make train` runs (the tests' own process simulates 8).
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     return args + list(flags), env
 
   return make

@@ -14,6 +14,7 @@ import pytest
 import sentencepiece
 import torch
 import transformers
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from mixtral_jax import build, checkpoint, convert, train
 
@@ -109,11 +110,17 @@ def test_hf_aux_loss_and_greedy_generation_match_ours(tmp_path, tiny_trained_par
   tokens = np.array(jax.random.randint(jax.random.PRNGKey(4), (2, 16), 0, 320))
   _, stats = apply({"params": params}, jnp.asarray(tokens))
   with torch.no_grad():
-    hf_aux = hf(torch.from_numpy(tokens), output_router_logits=True).aux_loss.item()
-  # transformers pools all layers' tokens before E · Σ f·P; our per-layer stats give the same.
+    out = hf(torch.from_numpy(tokens), output_router_logits=True)
   k, e = config.model.experts_per_token, config.model.num_experts
+  # The loss we train on is the mean over layers of each layer's Switch loss (each layer's
+  # experts balanced on their own): transformers' loss applied to one layer at a time.
+  per_layer = [load_balancing_loss_func((logits,), e, k).item() for logits in out.router_logits]
+  np.testing.assert_allclose(np.mean(stats.aux_loss), np.mean(per_layer), rtol=1e-5)
+  # transformers' own aux_loss pools all layers' tokens before E · Σ f·P; our per-layer
+  # statistics give that too.
   pooled = e * np.sum(k * np.mean(stats.expert_load, 0) * np.mean(stats.mean_probability, 0))
-  np.testing.assert_allclose(hf_aux, pooled, rtol=1e-5)
+  np.testing.assert_allclose(out.aux_loss.item(), pooled, rtol=1e-5)
+  assert abs(np.mean(per_layer) - out.aux_loss.item()) > 1e-3  # the two definitions differ
 
   prompt, new = [5, 17, 42, 7], 20
   buffer = np.zeros((1, len(prompt) + new), np.int32)

@@ -67,7 +67,8 @@ def single_device_run(dispatch):
 def test_expert_parallel_equals_single_device(mesh_shape, dispatch):
   loss1, metrics1, grads1, losses1 = single_device_run(dispatch)
   loss8, metrics8, grads8, losses8 = run(tiny_config(mesh_shape, dispatch), jax.devices(), 20)
-  assert float(metrics8["dropped_fraction"]) == 0.0
+  if dispatch == "capacity":  # counted per shard (dropless reports a constant 0)
+    assert float(metrics8["dropped_fraction"]) == float(metrics1["dropped_fraction"]) == 0.0
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
   np.testing.assert_allclose(metrics8["aux_loss"], metrics1["aux_loss"], rtol=1e-5)
   np.testing.assert_allclose(metrics8["z_loss"], metrics1["z_loss"], rtol=1e-5)

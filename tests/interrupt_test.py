@@ -88,3 +88,27 @@ def test_a_second_run_on_a_busy_workdir_is_refused_and_a_dead_ones_lock_is_not(
   assert third.returncode == 0, third.stderr[-2000:]
   assert ("nothing to do: the checkpoint is at step" in third.stdout or
           "resuming from checkpoint at step" in third.stdout)
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(
+    tmp_path, train_command, digest, repo):
+  small = tmp_path / "small"
+  small.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(small)],
+                    capture_output=True).returncode:
+    pytest.skip("cannot mount a 3 MB tmpfs here")
+  try:
+    workdir = str(small / "run")
+    args, env = train_command(workdir, 40)  # a checkpoint every 2 steps, all kept
+    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    match = re.fullmatch(rf"error: saving a checkpoint in {workdir}/checkpoints failed \(.+\); "
+                         rf"the last complete checkpoint is step (\d+)", last)
+    assert match, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    complete = checkpoint.Checkpointer(workdir, read_only=True).all_steps()
+    assert complete and max(complete) == int(match[1])
+  finally:
+    subprocess.run(["umount", str(small)], check=True)

@@ -97,9 +97,13 @@ def test_bfloat16_and_remat_agree_with_float32():
   loss = lambda model: lambda p: jnp.mean(
       jax.nn.log_softmax(model.apply({"params": p}, tokens, deterministic=False)[0])[..., 0])
   l32, g32 = jax.jit(jax.value_and_grad(loss(model32)))(params)
-  l16, _ = jax.jit(jax.value_and_grad(loss(model16)))(params)
+  l16, g16 = jax.jit(jax.value_and_grad(loss(model16)))(params)
   lr, gr = jax.jit(jax.value_and_grad(loss(remat)))(params)
   assert abs(float(l16) - float(l32)) < 0.05 * abs(float(l32))
+  # bf16 gradients point the same way as float32's: within 10% in norm, per parameter.
+  for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32)):
+    assert a.dtype == jnp.float32  # parameters (and so gradients) stay float32
+    assert np.linalg.norm(np.asarray(a) - b) <= 0.1 * np.linalg.norm(b) + 1e-6
   np.testing.assert_allclose(lr, l32, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), gr, g32)
 

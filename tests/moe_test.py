@@ -51,8 +51,7 @@ def test_large_capacity_equals_dropless():
   out_c, stats_c = capacity_module.apply({"params": params}, x)
   out_d, stats_d = dropless_module.apply({"params": params}, x)
   np.testing.assert_allclose(out_c, out_d, atol=1e-5)
-  assert float(stats_c.dropped_fraction) == 0.0 == float(stats_d.dropped_fraction)
-  np.testing.assert_allclose(stats_c.aux_loss, stats_d.aux_loss)
+  assert float(stats_c.dropped_fraction) == 0.0  # capacity E·T·k/E: room for every slot
 
 
 def test_capacity_drops_exactly_the_overflow():
@@ -79,9 +78,15 @@ def test_capacity_output_drops_slots_not_tokens():
   routing = tokens @ params["router"]["kernel"]
   top = jax.lax.top_k(routing, K)
   weights = jax.nn.softmax(top[0], -1)
-  capacity = dispatch.expert_capacity(tokens.shape[0], NUM_EXPERTS, K, 0.5)
-  layout = dispatch.capacity_layout(top[1].astype(jnp.int32), NUM_EXPERTS, capacity)
-  kept = (layout.slot_row < NUM_EXPERTS * capacity).reshape(K, -1).T  # [T, k]
+  # Counted by hand: each expert takes C = ceil(0.5 · T · k / E) slots, all first choices (in
+  # token order) before any second choice.
+  capacity = int(np.ceil(0.5 * tokens.shape[0] * K / NUM_EXPERTS))
+  kept, taken = np.zeros((tokens.shape[0], K), bool), np.zeros(NUM_EXPERTS, int)
+  for j in range(K):
+    for t in range(tokens.shape[0]):
+      e = int(top[1][t, j])
+      kept[t, j], taken[e] = taken[e] < capacity, taken[e] + (taken[e] < capacity)
+  assert 0 < kept.sum() < kept.size
   expected = np.zeros_like(np.asarray(tokens))
   e_params = params["experts"]
   for t in range(tokens.shape[0]):
