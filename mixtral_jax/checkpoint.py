@@ -8,7 +8,9 @@ resumes with a fresh optimizer state. Orbax writes a save into a temporary direc
 complete, so a crash mid-save leaves no `<step>` directory, only a temporary one that is ignored
 and cleaned up on restart.
 
-    python -m mixtral_jax.checkpoint info WORKDIR
+    python -m mixtral_jax.checkpoint info [--verify] WORKDIR
+
+`--verify` reads every array back (into host memory) and marks the checkpoints that fail.
 """
 
 import contextlib
@@ -30,7 +32,8 @@ class DamagedCheckpointError(CheckpointError):
 
 
 def _first_line(e: Exception) -> str:
-  return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+  line = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0]
+  return f"{type(e).__name__}: {line[:200]}"
 
 
 def _path_str(path) -> str:
@@ -172,6 +175,24 @@ class Checkpointer:
     return self._manager.restore(step, args=ocp.args.Composite(
         params=_restore_args(abstract_params)))["params"]
 
+  def verify(self, step: int) -> Optional[str]:
+    """None if every array of checkpoint `step` reads back, else why not (one line).
+
+    Reads the whole checkpoint into host memory, one item at a time.
+    """
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    try:
+      metadata = self._manager.item_metadata(step)
+      for item in ("params", "train"):
+        if metadata.get(item) is not None:
+          target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu),
+                                metadata[item])
+          self._manager.restore(step, args=ocp.args.Composite(
+              **{item: ocp.args.StandardRestore(target)}))
+    except Exception as e:
+      return _first_line(e)
+    return None
+
   def set_aside(self, step: int) -> str:
     """Renames damaged checkpoint `step` to `<step>.damaged` (kept for a look, no longer a
     step, so training can save that step again); returns the new path."""
@@ -230,32 +251,39 @@ def _model_summary(config: dict) -> str:
   return ", ".join(f"{k}={model[k]}" for k in keys if k in model) or "unknown"
 
 
-def info(workdir: str) -> list[dict[str, Any]]:
-  """One record per complete checkpoint: step, size in bytes, data position, model summary."""
+def info(workdir: str, verify: bool = False) -> list[dict[str, Any]]:
+  """One record per complete checkpoint: step, size in bytes, data position, model summary;
+  with `verify`, also `damaged`: None if every array reads back, else why not."""
   checkpointer = Checkpointer(workdir, read_only=True)
   records = []
   for step in checkpointer.all_steps():
     meta = checkpointer.meta(step)
     records.append({"step": step, "bytes": _dir_bytes(checkpointer._step_dir(step)),
                     "data_position": meta.data_position, "model": _model_summary(meta.config)})
+    if verify:
+      records[-1]["damaged"] = checkpointer.verify(step)
   return records
 
 
 def main(argv: list[str]) -> int:
+  verify = "--verify" in argv
+  argv = [a for a in argv if a != "--verify"]
   if len(argv) != 3 or argv[1] != "info":
-    print("usage: python -m mixtral_jax.checkpoint info WORKDIR", file=sys.stderr)
+    print("usage: python -m mixtral_jax.checkpoint info [--verify] WORKDIR", file=sys.stderr)
     return 2
   try:
-    records = info(argv[2])
+    records = info(argv[2], verify)
   except CheckpointError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   if not records:
     print(f"no complete checkpoints in {os.path.join(argv[2], 'checkpoints')}")
   for r in records:
+    status = ("" if not verify else "  verified" if r["damaged"] is None
+              else f"  DAMAGED: {r['damaged']}")
     print(f"step {r['step']:>8}  {r['bytes'] / 1e6:9.2f} MB  next batch {r['data_position']}  "
-          f"{r['model']}")
-  return 0
+          f"{r['model']}{status}")
+  return 1 if any(r.get("damaged") for r in records) else 0
 
 
 if __name__ == "__main__":

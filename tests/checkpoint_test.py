@@ -253,7 +253,7 @@ def test_info_lists_checkpoints(tmp_path, tiny_config, repo):
 
 
 def test_a_damaged_latest_checkpoint_is_set_aside_and_the_one_before_used(tmp_path, tiny_config,
-                                                                          digest, caplog):
+                                                                          digest, caplog, repo):
   config = tiny_config(num_train_steps=8, checkpoint_every_steps=2, keep_checkpoints=5,
                        log_every_steps=1)
   workdir, straight = str(tmp_path / "run"), str(tmp_path / "straight")
@@ -266,6 +266,13 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_one_before_used(tmp_pa
   largest = max(files, key=os.path.getsize)
   with open(largest, "r+b") as f:
     f.truncate(os.path.getsize(largest) // 2)
+  result = subprocess.run([sys.executable, "-m", "mixtral_jax.checkpoint", "info", "--verify",
+                           workdir], cwd=repo, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  lines = result.stdout.strip().splitlines()
+  assert [line.split()[1] for line in lines] == ["2", "4", "6"]
+  assert lines[0].endswith("verified") and lines[1].endswith("verified")
+  assert "DAMAGED: " in lines[2]
 
   train.train_and_evaluate(config, workdir)
   warning, = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
