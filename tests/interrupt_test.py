@@ -5,10 +5,11 @@ import os
 import re
 import signal
 import subprocess
+import time
 
 import pytest
 
-from mixtral_jax import checkpoint
+from mixtral_jax import checkpoint, interrupt
 
 
 def _start(args, env, repo, until: str) -> subprocess.Popen:
@@ -112,3 +113,16 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(
     assert complete and max(complete) == int(match[1])
   finally:
     subprocess.run(["umount", str(small)], check=True)
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+  # In this process: the loop's CLI runs finish their step too fast to be signalled twice.
+  before = signal.getsignal(signal.SIGTERM)
+  with interrupt.StopRequests() as stops:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)  # Python runs the handler between bytecodes
+    assert stops.received == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)
+  assert signal.getsignal(signal.SIGTERM) == before  # the first signal restored both

@@ -116,6 +116,14 @@ def test_invalid_config_fails_before_compiling_with_field_name(tiny_config):
       config_lib.validate(config)
 
 
+@pytest.mark.parametrize("field,value", [("weight_decay", -0.1), ("adam_b1", 1.0),
+                                         ("adam_eps", float("nan")), ("learning_rate", -1.0)])
+def test_optimizer_settings_are_validated(tiny_config, field, value):
+  config = tiny_config(**{field: value})
+  with pytest.raises(config_lib.ConfigError, match=f"^config\\.{field}: "):
+    config_lib.validate(config)
+
+
 def test_cli_reports_bad_config_in_one_line(tmp_path, repo):
   result = subprocess.run(
       [sys.executable, "-m", "mixtral_jax.main", "--config=configs/default.py",
