@@ -50,11 +50,13 @@ class Setup:
     batch["weights"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self.batch_sharding)
     return batch
 
-  def restore(self, checkpointer: checkpoint_lib.Checkpointer,
-              step: Optional[int] = None) -> tuple[step_lib.TrainState, checkpoint_lib.Meta]:
+  def restore(self, checkpointer: checkpoint_lib.Checkpointer, step: Optional[int] = None,
+              check: Optional[Callable[[checkpoint_lib.Meta, bool], None]] = None
+              ) -> tuple[step_lib.TrainState, checkpoint_lib.Meta]:
     """(state, meta) of checkpoint `step` (default: latest), restored straight into this mesh's
-    shardings; a parameters-only checkpoint (an HF import) gets a fresh optimizer state."""
-    return checkpointer.restore(self.abstract_state, step, self.state_from_params)
+    shardings; a parameters-only checkpoint (an HF import) gets a fresh optimizer state.
+    `check` is Checkpointer.restore's."""
+    return checkpointer.restore(self.abstract_state, step, self.state_from_params, check)
 
 
 def build(config: ml_collections.ConfigDict, devices: Optional[Sequence[jax.Device]] = None, *,

@@ -105,11 +105,8 @@ class Checkpointer:
     """Step of the newest complete checkpoint, or None."""
     return self._manager.latest_step()
 
-  def holds_train_state(self, step: int) -> bool:
-    """Whether checkpoint `step` has a train state (not only parameters, as an HF import)."""
-    return self._manager.item_metadata(step).get("train") is not None
-
-  def _step_dir(self, step: int) -> str:
+  def step_dir(self, step: int) -> str:
+    """The directory of checkpoint `step`."""
     return os.path.join(self.directory, str(step))
 
   def meta(self, step: int) -> Meta:
@@ -118,7 +115,7 @@ class Checkpointer:
       return Meta.from_json(self._manager.restore(
           step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
     except Exception as e:
-      raise DamagedCheckpointError(f"{self._step_dir(step)} is not a readable mixtral_jax "
+      raise DamagedCheckpointError(f"{self.step_dir(step)} is not a readable mixtral_jax "
                                    f"checkpoint ({_first_line(e)})") from None
 
   def _check_shapes(self, step: int, meta: Meta, metadata, targets: dict[str, Any]) -> None:
@@ -126,38 +123,42 @@ class Checkpointer:
     try:
       saved = _shapes({item: metadata[item] for item in targets})
     except Exception as e:
-      raise CheckpointError(f"{self._step_dir(step)} holds no readable {' and '.join(targets)} "
+      raise CheckpointError(f"{self.step_dir(step)} holds no readable {' and '.join(targets)} "
                             f"({type(e).__name__})") from None
     for name, shape in _shapes(targets).items():
       if saved.get(name) != shape:
         raise CheckpointError(
-            f"{self._step_dir(step)} does not match this model: {name} is "
+            f"{self.step_dir(step)} does not match this model: {name} is "
             f"{saved.get(name, 'missing')} there, {shape} here "
             f"(checkpoint model config: {_model_summary(meta.config)})")
 
   def restore(self, abstract_state: Any, step: Optional[int] = None,
-              from_params: Optional[Callable[[Any], Any]] = None) -> tuple[Any, Meta]:
+              from_params: Optional[Callable[[Any], Any]] = None,
+              check: Optional[Callable[[Meta, bool], None]] = None) -> tuple[Any, Meta]:
     """(state, meta) saved at `step` (default: latest), shaped and sharded like `abstract_state`.
 
     `abstract_state` is a train-state dataclass of `jax.ShapeDtypeStruct`s (or arrays) with
     shardings; nothing is allocated but the restored arrays. A checkpoint of parameters alone (an
-    HF import) gives `from_params(params)`, the step-0 state around them. Raises CheckpointError
+    HF import) gives `from_params(params)`, the step-0 state around them. `check(meta, has train
+    state)`, if given, runs before any array is read and may raise. Raises CheckpointError
     naming the first tensor whose saved shape differs.
     """
     step = self.latest_step() if step is None else step
     meta = self.meta(step)
     metadata = self._manager.item_metadata(step)  # read once: it lists and shapes every item
+    if check is not None:
+      check(meta, metadata.get("train") is not None)
     targets = {"params": abstract_state.params}
     if metadata.get("train") is not None:
       targets["train"] = _train_item(abstract_state)
     elif from_params is None:
-      raise CheckpointError(f"{self._step_dir(step)} holds parameters only (no optimizer state)")
+      raise CheckpointError(f"{self.step_dir(step)} holds parameters only (no optimizer state)")
     self._check_shapes(step, meta, metadata, targets)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           **{item: _restore_args(target) for item, target in targets.items()}))
     except Exception as e:  # the shapes matched: the files themselves are bad
-      raise DamagedCheckpointError(f"{self._step_dir(step)} is damaged: its arrays do not read "
+      raise DamagedCheckpointError(f"{self.step_dir(step)} is damaged: its arrays do not read "
                                    f"back ({_first_line(e)})") from None
     if "train" not in restored:
       return from_params(restored["params"]), meta
@@ -196,8 +197,8 @@ class Checkpointer:
   def set_aside(self, step: int) -> str:
     """Renames damaged checkpoint `step` to `<step>.damaged` (kept for a look, no longer a
     step, so training can save that step again); returns the new path."""
-    aside = f"{self._step_dir(step)}.damaged"
-    os.replace(self._step_dir(step), aside)
+    aside = f"{self.step_dir(step)}.damaged"
+    os.replace(self.step_dir(step), aside)
     self._manager.reload()
     return aside
 
@@ -258,7 +259,7 @@ def info(workdir: str, verify: bool = False) -> list[dict[str, Any]]:
   records = []
   for step in checkpointer.all_steps():
     meta = checkpointer.meta(step)
-    records.append({"step": step, "bytes": _dir_bytes(checkpointer._step_dir(step)),
+    records.append({"step": step, "bytes": _dir_bytes(checkpointer.step_dir(step)),
                     "data_position": meta.data_position, "model": _model_summary(meta.config)})
     if verify:
       records[-1]["damaged"] = checkpointer.verify(step)

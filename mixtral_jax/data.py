@@ -211,6 +211,21 @@ def _cached_entropy(corpus: sources.Corpus, tokenizer: spm.SentencePieceProcesso
   return entropy
 
 
+def _train_tokenizer(corpus: sources.Corpus, vocab_size: int, path: str) -> None:
+  """Trains the corpus's BPE tokenizer into `path`; DataError (one line) if it cannot."""
+  if vocab_size < tokenizer_lib.MIN_VOCAB_SIZE:
+    raise sources.DataError(
+        f"config.model.vocab_size={vocab_size} is too small for a trained tokenizer: byte "
+        f"fallback needs at least {tokenizer_lib.MIN_VOCAB_SIZE} pieces")
+  with _timed(f"Training a {vocab_size}-piece BPE tokenizer"):
+    try:
+      tokenizer_lib.train_tokenizer(corpus.train, vocab_size, path)
+    except RuntimeError as e:  # SentencePiece's reason follows its source location
+      reason = str(e).strip().splitlines()[0].rsplit("] ", 1)[-1]
+      raise sources.DataError(f"cannot train a {vocab_size}-piece tokenizer on {corpus.name}: "
+                              f"{reason}") from None
+
+
 def _get_tokenizer(config: ml_collections.ConfigDict,
                    corpus: sources.Corpus) -> spm.SentencePieceProcessor:
   """Loads config.data.tokenizer_path, or trains (once) a tokenizer on the train split."""
@@ -220,17 +235,7 @@ def _get_tokenizer(config: ml_collections.ConfigDict,
     path = os.path.join(os.path.expanduser(config.data.data_dir), "tokenizers",
                         f"{corpus.name}-bpe{vocab_size}.model")
     if not os.path.exists(path):
-      if vocab_size < tokenizer_lib.MIN_VOCAB_SIZE:
-        raise sources.DataError(
-            f"config.model.vocab_size={vocab_size} is too small for a trained tokenizer: byte "
-            f"fallback needs at least {tokenizer_lib.MIN_VOCAB_SIZE} pieces")
-      with _timed(f"Training a {vocab_size}-piece BPE tokenizer"):
-        try:
-          tokenizer_lib.train_tokenizer(corpus.train, vocab_size, path)
-        except RuntimeError as e:  # SentencePiece's reason follows its source location
-          reason = str(e).strip().splitlines()[0].rsplit("] ", 1)[-1]
-          raise sources.DataError(f"cannot train a {vocab_size}-piece tokenizer on "
-                                  f"{corpus.name}: {reason}") from None
+      _train_tokenizer(corpus, vocab_size, path)
   try:
     tokenizer = tokenizer_lib.load_tokenizer(path)
   except (OSError, ValueError) as e:

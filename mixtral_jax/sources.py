@@ -151,9 +151,9 @@ class TextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     counts = {"train": 0, "eval": 0}
     lowest = highest = None  # (hash, key) of the documents first held out / last kept
     for key, _ in read_documents(self._paths, self._text_key):
-      counts["eval" if is_eval_document(key, self._eval_fraction) else "train"] += 1
-      lowest = min(lowest or (2.0, key), (_key_hash(key), key))
-      highest = max(highest or (-1.0, key), (_key_hash(key), key))
+      ranked = (_key_hash(key), key)
+      counts["eval" if ranked[0] < self._eval_fraction else "train"] += 1
+      lowest, highest = min(lowest or ranked, ranked), max(highest or ranked, ranked)
     total = sum(counts.values())
     if not total:
       raise DataError(f"the {len(self._paths)} files of the corpus hold no UTF-8 text documents")

@@ -142,15 +142,17 @@ def _restore_or_init(setup: build_lib.Setup, checkpointer: checkpoint_lib.Checkp
 
 
 def _restore(setup: build_lib.Setup, checkpointer: checkpoint_lib.Checkpointer, step: int):
-  config = setup.config
-  where = os.path.join(checkpointer.directory, str(step))
-  saved = checkpointer.meta(step).config
-  if not checkpointer.holds_train_state(step):  # an HF import: only its model is a given
-    saved = {**config_lib.json_of(config), "model": saved.get("model", {})}
-  changes = config_lib.check_resume(saved, config, where)
-  if changes:
-    logging.warning("Resuming %s with changed settings: %s", where, "; ".join(changes))
-  state, meta = setup.restore(checkpointer, step)
+  config, where = setup.config, checkpointer.step_dir(step)
+
+  def check(meta: checkpoint_lib.Meta, has_train_state: bool) -> None:
+    saved = meta.config
+    if not has_train_state:  # an HF import: only its model is a given
+      saved = {**config_lib.json_of(config), "model": saved.get("model", {})}
+    changes = config_lib.check_resume(saved, config, where)
+    if changes:
+      logging.warning("Resuming %s with changed settings: %s", where, "; ".join(changes))
+
+  state, meta = setup.restore(checkpointer, step, check)
   with _device_reads():
     start_step = int(state.step)
   workdir = os.path.dirname(checkpointer.directory)

@@ -1,6 +1,5 @@
 """Checkpoints: resharding restore, params-only restore, kill -9, NaN steps, bad directories."""
 
-import json
 import os
 import shutil
 import signal
@@ -23,7 +22,7 @@ def restored_on(config, workdir, mesh_shape, devices):
   return state
 
 
-def test_restore_onto_other_meshes_gives_identical_parameters(tmp_path, tiny_config):
+def test_restore_onto_other_meshes_gives_identical_parameters(tmp_path, tiny_config, metrics):
   config = tiny_config(num_train_steps=4)
   config.model.num_experts = 8
   config.mesh.update(data=2, fsdp=1, expert=4, tensor=1)
@@ -43,8 +42,7 @@ def test_restore_onto_other_meshes_gives_identical_parameters(tmp_path, tiny_con
   train.train_and_evaluate(config, same_mesh)
   config.mesh.update(data=1, expert=8)
   train.train_and_evaluate(config, workdir)
-  losses = lambda run: [r["loss"] for r in map(json.loads, open(os.path.join(run,
-                                                                             "metrics.jsonl")))]
+  losses = lambda run: [r["loss"] for r in metrics(run)]
   assert len(losses(workdir)) == len(losses(same_mesh)) > 2
   np.testing.assert_allclose(losses(workdir), losses(same_mesh), rtol=1e-5)
 
@@ -69,11 +67,6 @@ def test_params_restore_alone_without_the_optimizer_state(tmp_path, tiny_config,
     checkpointer.restore_params(abstract)
 
 
-def _final_loss(workdir):
-  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  return records[-1]["step"], records[-1]["loss"]
-
-
 def _run_and_kill(args, env, at_line, repo):
   """Starts training and SIGKILLs it the moment it prints a line starting with `at_line`."""
   proc = subprocess.Popen(args, cwd=repo, env=env, stdout=subprocess.PIPE,
@@ -86,7 +79,8 @@ def _run_and_kill(args, env, at_line, repo):
   assert proc.returncode == -signal.SIGKILL
 
 
-def test_kill_9_resumes_from_last_complete_checkpoint(tmp_path, train_command, digest, repo):
+def test_kill_9_resumes_from_last_complete_checkpoint(tmp_path, train_command, digest, metrics,
+                                                      repo):
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
   args, env = train_command(straight, 16)
   subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True, timeout=300)
@@ -112,17 +106,18 @@ def test_kill_9_resumes_from_last_complete_checkpoint(tmp_path, train_command, d
   result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert f"resuming from checkpoint at step {max(complete)}" in result.stdout
-  assert _final_loss(killed) == _final_loss(straight)
+  last = lambda run: (metrics(run)[-1]["step"], metrics(run)[-1]["loss"])
+  assert last(killed) == last(straight)
   for step in digests:
     assert digest(os.path.join(checkpoints, str(step))) == digests[step]
   assert {s: digest(os.path.join(checkpoints, str(s))) for s in first} == first_digests
   assert not [d for d in os.listdir(checkpoints) if not d.isdigit()]  # leftovers cleaned up
   # Steps logged after the last checkpoint and redone by the resumed run appear once.
-  steps = [json.loads(line)["step"] for line in open(os.path.join(killed, "metrics.jsonl"))]
-  assert steps == list(range(1, 17))
+  assert [r["step"] for r in metrics(killed)] == list(range(1, 17))
 
 
-def test_nan_steps_are_not_applied_and_stop_the_run(tmp_path, tiny_config, monkeypatch):
+def test_nan_steps_are_not_applied_and_stop_the_run(tmp_path, tiny_config, metrics,
+                                                    monkeypatch):
   config = tiny_config(num_train_steps=20, checkpoint_every_steps=4, max_nan_steps=3)
   real_next = train.data_lib.TrainIterator.__next__
 
@@ -137,8 +132,7 @@ def test_nan_steps_are_not_applied_and_stop_the_run(tmp_path, tiny_config, monke
   with pytest.raises(train.NonFiniteError, match=r"^step 12: loss or gradients were NaN/Inf "
                                                  r"for 3 steps in a row .* checkpoint is step 8"):
     train.train_and_evaluate(config, workdir)
-  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  assert records[-1]["step"] == 8  # log_every_steps=4: steps 9-12 never reached a log line
+  assert metrics(workdir)[-1]["step"] == 8  # log_every_steps=4: steps 9-12 never reached a log line
 
   saved, meta = build.build(config, abstract=True).restore(checkpoint.Checkpointer(workdir))
   assert int(saved.step) == 8 and meta.data_position == 8
@@ -253,7 +247,8 @@ def test_info_lists_checkpoints(tmp_path, tiny_config, repo):
 
 
 def test_a_damaged_latest_checkpoint_is_set_aside_and_the_one_before_used(tmp_path, tiny_config,
-                                                                          digest, caplog, repo):
+                                                                          digest, metrics,
+                                                                          caplog, repo):
   config = tiny_config(num_train_steps=8, checkpoint_every_steps=2, keep_checkpoints=5,
                        log_every_steps=1)
   workdir, straight = str(tmp_path / "run"), str(tmp_path / "straight")
@@ -282,6 +277,5 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_one_before_used(tmp_pa
     assert digest(os.path.join(checkpoints, str(step))) == saved
   assert checkpoint.Checkpointer(workdir, read_only=True).all_steps() == [2, 4, 6, 8]
   train.train_and_evaluate(config, straight)
-  losses = lambda run: {r["step"]: r["loss"] for r in map(json.loads, open(
-      os.path.join(run, "metrics.jsonl")))}
+  losses = lambda run: {r["step"]: r["loss"] for r in metrics(run)}
   assert losses(workdir) == losses(straight)  # steps 5 and 6 redone exactly, logged once

@@ -6,6 +6,7 @@ train steps, and a cache hit skips XLA's compile, not any computation. pytest-xd
 inherit the directory from the controlling process, which removes it.
 """
 
+import json
 import os
 import shutil
 import sys
@@ -95,6 +96,18 @@ def tree_digest(path) -> dict[str, int]:
       with open(full, "rb") as f:
         digest[os.path.relpath(full, path)] = hash(f.read())
   return digest
+
+
+def read_metrics(workdir) -> list[dict]:
+  """The records of WORKDIR/metrics.jsonl, in order."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture
+def metrics():
+  """metrics(workdir): `read_metrics`."""
+  return read_metrics
 
 
 @pytest.fixture

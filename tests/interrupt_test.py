@@ -1,6 +1,5 @@
 """Stopping a run: SIGTERM and Ctrl-C save at the next step and exit; a busy workdir is refused."""
 
-import json
 import os
 import re
 import signal
@@ -22,18 +21,11 @@ def _start(args, env, repo, until: str) -> subprocess.Popen:
   raise AssertionError(f"never printed {until!r}: {proc.stderr.read()[-2000:]}")
 
 
-def _steps(workdir):
-  return [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
-
-
-def _losses(workdir):
-  return {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(workdir,
-                                                                          "metrics.jsonl")))}
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_at_the_next_step_and_a_rerun_resumes(tmp_path, train_command, digest,
-                                                            repo, signum):
+                                                            metrics, repo, signum):
+  steps = lambda run: [r["step"] for r in metrics(run)]
+  losses = lambda run: {r["step"]: r["loss"] for r in metrics(run)}
   straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
   args, env = train_command(straight, 14, "--config.checkpoint_every_steps=0")
   subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True, timeout=300)
@@ -54,14 +46,14 @@ def test_a_signal_saves_at_the_next_step_and_a_rerun_resumes(tmp_path, train_com
   checkpoints = os.path.join(stopped, "checkpoints")
   assert checkpoint.Checkpointer(stopped, read_only=True).all_steps() == [step]
   assert os.listdir(checkpoints) == [str(step)]  # complete: no save left in flight
-  assert _steps(stopped)[-1] == step
+  assert steps(stopped)[-1] == step
   saved = digest(os.path.join(checkpoints, str(step)))
 
   result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert f"resuming from checkpoint at step {step}" in result.stdout
-  assert _losses(stopped) == _losses(straight)  # every step, bitwise
-  assert _steps(stopped) == list(range(1, 15))
+  assert losses(stopped) == losses(straight)  # every step, bitwise
+  assert steps(stopped) == list(range(1, 15))
   assert digest(os.path.join(checkpoints, str(step))) == saved
 
 
