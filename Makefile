@@ -9,7 +9,7 @@ ARGS ?=
 # compiles, subprocess start-up), so two workers on two cores halve the suite's time.
 TEST_WORKERS ?= --numprocesses=auto --maxprocesses=4
 
-.PHONY: install train test bench clean
+.PHONY: install train test test-slow bench clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,11 @@ train: install
 	$(PY) -m mixtral_jax.main --config=configs/default.py --workdir=$(WORKDIR) $(ARGS)
 
 test: install
-	$(PY) -m pytest -q $(TEST_WORKERS) tests
+	$(PY) -m pytest -q $(TEST_WORKERS) -m "not slow" tests
+
+# The slow end-to-end suite: every mesh and multi-process case (`make test` runs a few).
+test-slow: install
+	$(PY) -m pytest -q $(TEST_WORKERS) -m slow tests
 
 bench: $(VENV)/.bench-installed
 	$(PY) benchmarks/moe_layer.py

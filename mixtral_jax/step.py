@@ -40,8 +40,11 @@ def init_state(config: ml_collections.ConfigDict, model: Mixtral,
   """Fresh parameters from `config.seed`, still boxed with their logical axis names (so the
   optimizer state inherits them); build.py traces this for shardings and jits it."""
   init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))
-  tokens = jnp.zeros((1, min(config.seq_len, 8)), jnp.int32)
-  return state_from_params(config, model.init(init_rng, tokens)["params"], optimizer)
+  tokens = jnp.zeros((1, min(config.seq_len, 8)), jnp.int32)  # [1, T]: any batch would do
+  # Parameters do not depend on the mesh; without it the dummy batch is not split over the
+  # batch axes (its one row could not be) and the MoE runs on one device.
+  params = model.clone(mesh=None).init(init_rng, tokens)["params"]
+  return state_from_params(config, params, optimizer)
 
 
 def make_loss_fn(model: Mixtral, model_config: ml_collections.ConfigDict) -> Callable:

@@ -28,6 +28,11 @@ from mixtral_jax import build as build_lib  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: end-to-end checks run by `make test-slow`, not "
+                          "`make test` (each has a fast counterpart there)")
+
+
 def pytest_sessionfinish(session, exitstatus):
   if _CACHE_DIR:
     shutil.rmtree(_CACHE_DIR, ignore_errors=True)
