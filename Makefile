@@ -11,17 +11,20 @@ TEST_WORKERS ?= --numprocesses=auto --maxprocesses=4
 
 .PHONY: install train test test-slow bench clean
 
-$(VENV)/.installed: setup.py
+# Extras to install: dev (tests, conversion to PyTorch); tpu on a TPU VM (make install EXTRAS=tpu).
+EXTRAS ?= dev
+
+$(VENV)/.installed-$(EXTRAS): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-$(VENV)/.bench-installed: $(VENV)/.installed
+$(VENV)/.bench-installed: $(VENV)/.installed-dev
 	$(PY) -m pip install -q -e ".[dev,bench]"
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-$(EXTRAS)
 
 train: install
 	$(PY) -m mixtral_jax.main --config=configs/default.py --workdir=$(WORKDIR) $(ARGS)

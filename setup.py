@@ -27,6 +27,8 @@ setup(
         # torch pinned: this exact CPU wheel is on the project's machines; a bare "torch"
         # would pull a multi-GB CUDA build.
         "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=4.46"],
+        # TPU VMs (launch/tpu_vm.sh): libtpu.
+        "tpu": ["jax[tpu]>=0.10.2"],
         # `make bench` only: the scaling plots.
         "bench": ["matplotlib>=3.8"],
     },

@@ -29,11 +29,12 @@ def main():
   cpu_runtime.reuse_step_memory()  # as mixtral-train does
   config = default.get_config()
   setup = build_lib.build(config)
-  step, state, batch_sharding = setup.train_step, setup.state, setup.batch_sharding
-  data = data_lib.make_data(config)
+  step, state = setup.train_step, setup.state
+  layout = data_lib.Layout(setup.batch_sharding, config.global_batch_size)
+  data = data_lib.make_data(config, layout.rows)
   batches = data.train_iterator()
   for _ in range(2):  # compile
-    state, metrics = step(state, data_lib.global_batch(next(batches), batch_sharding))
+    state, metrics = step(state, layout.global_batch(next(batches)))
   jax.block_until_ready(metrics)
 
   pipeline, steps = [], []
@@ -41,11 +42,11 @@ def main():
     start = time.perf_counter()
     fresh = data.train_iterator()
     for _ in range(PIPELINE_BATCHES):
-      jax.block_until_ready(data_lib.global_batch(next(fresh), batch_sharding))
+      jax.block_until_ready(layout.global_batch(next(fresh)))
     pipeline.append(PIPELINE_BATCHES / (time.perf_counter() - start))
     start = time.perf_counter()
     for _ in range(TRAIN_STEPS):
-      state, metrics = step(state, data_lib.global_batch(next(batches), batch_sharding))
+      state, metrics = step(state, layout.global_batch(next(batches)))
     jax.block_until_ready(metrics)  # the loop reads metrics at log steps only
     steps.append(TRAIN_STEPS / (time.perf_counter() - start))
 

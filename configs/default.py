@@ -115,6 +115,10 @@ def get_config() -> ml_collections.ConfigDict:
   mesh.expert = 1
   # Tensor parallel: attention heads, expert hidden units and vocabulary split.
   mesh.tensor = 1
+  # How many of each axis's shards lie across processes (hosts or slices), the rest within
+  # one; all 1 = in jax.devices() order, which keeps the last axes inside a host. Else the
+  # sizes multiply to the process count (e.g. dcn.expert=2: the expert exchange spans 2 hosts).
+  mesh.dcn = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=1, tensor=1))
 
   config.data = data = ml_collections.ConfigDict()
   # Corpus: "stdlib" (this Python's standard-library sources, on every machine), "files" (local

@@ -102,6 +102,7 @@ def on_one_device(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   """A copy of `config` whose mesh is a single device (for parameters restored to one host)."""
   config = config.copy_and_resolve_references()
   config.mesh.update(data=-1, fsdp=1, expert=1, tensor=1)
+  config.mesh.dcn.update(data=1, fsdp=1, expert=1, tensor=1)
   return config
 
 

@@ -20,6 +20,7 @@ import sys
 from typing import Any, Callable, Optional
 
 import jax
+from absl import flags
 import orbax.checkpoint as ocp
 
 
@@ -55,8 +56,8 @@ class Meta:
   """What a checkpoint records besides arrays (its `meta` item, JSON)."""
   config: dict  # the training config, as JSON
   data_position: int  # index of the next training batch
-  # Each process's data-iterator state, by process index; None: the data starts afresh.
-  data_state: Optional[list] = None
+  # The data iterator's global state (data.gather_data_state); None: the data starts afresh.
+  data_state: Optional[dict] = None
 
   @classmethod
   def from_json(cls, record: dict) -> "Meta":
@@ -86,6 +87,11 @@ class Checkpointer:
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     if read_only and not os.path.isdir(self.directory):
       raise CheckpointError(f"{self.directory}: no checkpoints directory")
+    if jax.process_count() > 1:
+      # Orbax's default barrier is a device collective. Run from its background save thread it
+      # can interleave with the train step's collectives in another order on each process
+      # (gloo then aborts on a "collective mismatch"); the distributed client's barrier cannot.
+      flags.FLAGS.set_default("experimental_orbax_use_distributed_barrier", True)
     limit = {"save_concurrent_gb": save_bytes_in_flight / 1e9} if save_bytes_in_flight else {}
     self._manager = ocp.CheckpointManager(
         self.directory,

@@ -116,6 +116,10 @@ def validate_mesh(config: ml_collections.ConfigDict, num_devices: int) -> None:
   _require(math.prod(sizes.values()) == num_devices, "mesh",
            f"axis sizes {sizes} multiply to {math.prod(sizes.values())}, "
            f"but there are {num_devices} devices")
+  for axis, size in sizes.items():
+    dcn = config.mesh.dcn[axis]
+    _require(isinstance(dcn, int) and dcn > 0 and size % dcn == 0, f"mesh.dcn.{axis}",
+             f"must be a positive integer dividing mesh.{axis}={size}, got {dcn!r}")
   model = config.model
   _require(model.num_experts % sizes["expert"] == 0, "model.num_experts",
            f"{model.num_experts} is not divisible by mesh.expert={sizes['expert']}")

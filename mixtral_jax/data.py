@@ -1,12 +1,13 @@
 """Language-model batches: corpus → SentencePiece tokens → packed rows → per-process batches.
 
-Documents are tokenized as they are read, so a corpus of any size streams. Each process reads
-only its shard of the documents (every `process_count`-th one) and produces its share of each
-global batch. Training rows come from `num_streams` streams per process, each packing its own
-slice of the shuffled documents; every step draws its rows from a random subset of them, so a
-batch mixes many documents and a long document's rows are spread over many steps. The iterator
-state (each stream's cursor) is a few integers that go into the checkpoint: after a resume the
-next batch is the one the uninterrupted run would have drawn.
+Documents are tokenized as they are read, so a corpus of any size streams. The batches are
+defined globally — the same for any number of processes — and each process computes only the
+rows its devices hold (`Layout`). Training rows come from document streams, each packing its
+own slice of the shuffled documents; every step draws each row from a random one of that row's
+streams, so a batch mixes many documents and a long document's rows are spread over many steps.
+The iterator state (each stream's cursor) is a few integers that go into the checkpoint: after
+a resume, on any number of processes, the next batch is the one the uninterrupted run would
+have drawn.
 """
 
 import contextlib
@@ -15,7 +16,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import ml_collections
@@ -75,35 +76,40 @@ def permute(index: int, n: int, key: tuple[int, ...]) -> int:
       return x
 
 
-def shard_indices(num_docs: int, process_index: int, process_count: int) -> range:
-  """The documents process `process_index` reads: disjoint per process, all of them together."""
-  return range(process_index, num_docs, process_count)
-
-
 class TrainIterator:
-  """This process's training batches, deterministic in (seed, documents) and resumable.
+  """Training batches — this process's rows of them — deterministic in (seed, documents) and
+  resumable, whatever the number of processes.
 
-  Stream s packs documents j = s, s + S, s + 2S, … of an endless sequence in which every
-  `len(documents)` entries are a fresh seeded permutation (one epoch). Step n's rows come from
-  `batch_size` distinct streams drawn with a generator seeded by (seed, n).
+  Global row r of every batch owns streams r·m … r·m + m − 1 (m = ⌈num_streams / batch⌉), and
+  stream s packs documents j = s, s + S, s + 2S, … (S = m · batch) of an endless sequence in which
+  every `len(documents)` entries are a fresh seeded permutation (one epoch). At step n, row r
+  takes its next row from one of its m streams, drawn by a generator seeded by (seed, n). So a
+  batch mixes many documents and spreads a long one over many steps, and a process computes
+  only its `rows`. The state (the step and every stream's cursor) is global: a run resumed on
+  another number of processes continues the same sequence.
   """
 
-  def __init__(self, documents, tokenize, *, seq_len: int, batch_size: int, num_streams: int,
-               seed: int, bos: int, eos: int, state: Optional[dict[str, Any]] = None):
+  def __init__(self, documents, tokenize, *, seq_len: int, global_batch_size: int,
+               num_streams: int, seed: int, bos: int, eos: int, rows: Sequence[int],
+               state: Optional[dict[str, Any]] = None):
     if not len(documents):
-      raise sources.DataError("this process's shard of the train split holds no documents")
+      raise sources.DataError("the train split holds no documents")
     self._documents, self._tokenize, self._seed = documents, tokenize, seed
-    self._batch_size = batch_size
-    self._num_streams = max(num_streams, batch_size)
+    self._batch_size, self._rows = global_batch_size, list(rows)
+    self._per_row = -(-num_streams // global_batch_size)
+    self._num_streams = self._per_row * global_batch_size
     state = state or {"step": 0, "cursors": [[0, 0]] * self._num_streams}
     if len(state["cursors"]) != self._num_streams:
-      raise sources.DataError(f"the saved data state has {len(state['cursors'])} streams, this "
-                              f"run {self._num_streams}: keep config.data.num_streams to resume")
+      raise sources.DataError(
+          f"the saved data state has {len(state['cursors'])} streams, this run "
+          f"{self._num_streams} (data.num_streams rounded up to a multiple of "
+          f"global_batch_size): keep both to resume")
     self.step = state["step"]
-    self._streams = [
-        packing.Stream(functools.partial(self._document, s), seq_len, bos, eos,
-                       packing.Cursor(*cursor))
-        for s, cursor in enumerate(state["cursors"])]
+    owned = [row * self._per_row + j for row in self._rows for j in range(self._per_row)]
+    self._streams = {
+        s: packing.Stream(functools.partial(self._document, s), seq_len, bos, eos,
+                          packing.Cursor(*state["cursors"][s]))
+        for s in owned}
 
   def _document(self, stream: int, k: int) -> np.ndarray:
     epoch, index = divmod(stream + k * self._num_streams, len(self._documents))
@@ -111,71 +117,71 @@ class TrainIterator:
                                                   (self._seed, epoch))])
 
   def get_state(self) -> dict[str, Any]:
-    """JSON-serialisable position: the next step and each stream's cursor."""
-    return {"step": self.step,
-            "cursors": [[s.cursor.doc, s.cursor.offset] for s in self._streams]}
+    """The position as far as this process knows it: the next step and each stream's cursor,
+    [-1, -1] for the streams of other processes' rows (see `merge_states`)."""
+    cursors = [[-1, -1]] * self._num_streams
+    for s, stream in self._streams.items():
+      cursors[s] = [stream.cursor.doc, stream.cursor.offset]
+    return {"step": self.step, "cursors": cursors}
 
   def __iter__(self):
     return self
 
   def __next__(self) -> Batch:
     rng = np.random.default_rng([self._seed, self.step, 1])
-    chosen = rng.choice(self._num_streams, self._batch_size, replace=False)
+    chosen = rng.integers(self._per_row, size=self._batch_size)
     self.step += 1
-    return packing.stack_rows([self._streams[s].next_row() for s in chosen])
+    return packing.stack_rows([self._streams[r * self._per_row + chosen[r]].next_row()
+                               for r in self._rows])
 
 
-class _Shard:
-  """Documents `indices` of a split, as a sequence."""
+def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """The global iterator state from every process's `get_state()` (rows held twice agree).
 
-  def __init__(self, texts: sources.Texts, indices: range):
-    self._texts, self.indices = texts, indices
-
-  def __len__(self) -> int:
-    return len(self.indices)
-
-  def __getitem__(self, k: int) -> str:
-    return self._texts[self.indices[k]]
+  Raises DataError if some stream is in none of them.
+  """
+  cursors = np.max(np.stack([np.asarray(s["cursors"], np.int32) for s in states]), axis=0)
+  if (cursors < 0).any():
+    raise sources.DataError("the processes' data states leave some streams out")
+  return {"step": states[0]["step"], "cursors": cursors.tolist()}
 
 
 class LMData:
-  """A corpus, its tokenizer, and this process's train and eval batches."""
+  """A corpus, its tokenizer, and the train and eval batches' `rows` (default: all of them)."""
 
   def __init__(self, corpus: sources.Corpus, tokenizer: spm.SentencePieceProcessor,
-               unigram_entropy: float, *, seq_len: int, global_batch_size: int, num_streams: int, seed: int,
-               process_index: int = 0, process_count: int = 1):
-    if global_batch_size % process_count or not 0 <= process_index < process_count:
-      raise sources.DataError(f"cannot split global_batch_size={global_batch_size} over "
-                              f"process_count={process_count} for process_index={process_index}")
+               unigram_entropy: float, *, seq_len: int, global_batch_size: int, num_streams: int,
+               seed: int, rows: Optional[Sequence[int]] = None):
     self.corpus, self.tokenizer, self.unigram_entropy = corpus, tokenizer, unigram_entropy
-    self.batch_size = global_batch_size // process_count
-    self._seq_len, self._num_streams, self._seed = seq_len, num_streams, seed
-    self.train_documents = _Shard(corpus.train, shard_indices(len(corpus.train), process_index,
-                                                     process_count))
-    self.eval_documents = _Shard(corpus.eval, shard_indices(len(corpus.eval), process_index,
-                                                   process_count))
+    self.rows = list(range(global_batch_size)) if rows is None else list(rows)
+    self._seq_len, self._global_batch_size = seq_len, global_batch_size
+    self._num_streams, self._seed = num_streams, seed
 
   def tokenize(self, text: str) -> np.ndarray:
     return np.asarray(self.tokenizer.encode(text), np.int32)
 
   def train_iterator(self, state: Optional[dict[str, Any]] = None) -> TrainIterator:
-    """Training batches from the start, or from a `get_state()` saved earlier."""
-    return TrainIterator(self.train_documents, self.tokenize, seq_len=self._seq_len,
-                         batch_size=self.batch_size, num_streams=self._num_streams,
-                         seed=self._seed, bos=self.tokenizer.bos_id(),
-                         eos=self.tokenizer.eos_id(), state=state)
+    """Training batches from the start, or from a (merged) `get_state()` saved earlier."""
+    return TrainIterator(self.corpus.train, self.tokenize, seq_len=self._seq_len,
+                         global_batch_size=self._global_batch_size,
+                         num_streams=self._num_streams, seed=self._seed,
+                         bos=self.tokenizer.bos_id(), eos=self.tokenizer.eos_id(),
+                         rows=self.rows, state=state)
 
   def eval_batches(self, num_batches: int) -> Iterator[Batch]:
-    """The first `num_batches` eval batches, in the split's order; all-padding once it ends.
+    """The first `num_batches` eval batches; all-padding rows once the split ends.
 
-    Every process yields the same number of batches, so collective eval steps stay in step.
+    Global row r packs eval documents r, r + B, r + 2B, … in order, so every process yields
+    the same batches (collective eval steps stay in step) and they do not depend on how many
+    processes there are.
     """
-    docs = self.eval_documents
-    stream = packing.Stream(lambda k: self.tokenize(docs[k]) if k < len(docs) else None,
-                            self._seq_len, self.tokenizer.bos_id(), self.tokenizer.eos_id())
+    docs, step = self.corpus.eval, self._global_batch_size
+    streams = [packing.Stream(
+        lambda k, r=r: self.tokenize(docs[r + k * step]) if r + k * step < len(docs) else None,
+        self._seq_len, self.tokenizer.bos_id(), self.tokenizer.eos_id()) for r in self.rows]
     for _ in range(num_batches):
       yield packing.stack_rows([stream.next_row() or packing.empty_row(self._seq_len)
-                                for _ in range(self.batch_size)])
+                                for stream in streams])
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:
@@ -248,60 +254,82 @@ def _get_tokenizer(config: ml_collections.ConfigDict,
   return tokenizer
 
 
-def make_data(config: ml_collections.ConfigDict, process_index: int = 0,
-              process_count: int = 1) -> LMData:
-  """Opens (building on first use) the corpus and tokenizer of `config` for one process."""
+def make_data(config: ml_collections.ConfigDict, rows: Optional[Sequence[int]] = None) -> LMData:
+  """Opens (building on first use) the corpus and tokenizer of `config`, for batch `rows`."""
   with _timed("Preparing data"):
     corpus = sources.open_corpus(config.data)
     tokenizer = _get_tokenizer(config, corpus)
     entropy = _cached_entropy(corpus, tokenizer, os.path.expanduser(config.data.data_dir))
     data = LMData(corpus, tokenizer, entropy, seq_len=config.seq_len,
                   global_batch_size=config.global_batch_size,
-                  num_streams=config.data.num_streams, seed=config.seed,
-                  process_index=process_index, process_count=process_count)
+                  num_streams=config.data.num_streams, seed=config.seed, rows=rows)
   logging.info("Data: %s, %d train / %d eval documents; unigram entropy %.3f nats/token.",
                corpus.name, len(corpus.train), len(corpus.eval), data.unigram_entropy)
   return data
 
 
-def make_process_data(config: ml_collections.ConfigDict) -> LMData:
-  """This process's data; process 0 first builds any missing dataset or tokenizer cache.
+class Layout:
+  """Which rows of each global [B, …] batch this process's devices hold (t5x's data layout).
 
-  Processes sharing a data_dir would otherwise race to build the same files.
+  Taken from the batch sharding rather than the process index, so any mesh and device order
+  works: rows may be split over processes in any pattern, or held by several.
   """
+
+  def __init__(self, batch_sharding: jax.sharding.Sharding, global_batch_size: int):
+    self.sharding, self.global_batch_size = batch_sharding, global_batch_size
+    self._slices = {device: index[0] for device, index in
+                    batch_sharding.addressable_devices_indices_map((global_batch_size,)).items()}
+    self.rows = sorted({r for rows in self._slices.values()
+                        for r in range(*rows.indices(global_batch_size))})
+
+  def global_batch(self, local_batch: Batch) -> dict[str, jax.Array]:
+    """This process's `rows` of a batch → global arrays on the batch sharding."""
+    where = {row: i for i, row in enumerate(self.rows)}
+    batch = {}
+    for key, value in local_batch.items():
+      shape = (self.global_batch_size,) + value.shape[1:]
+      pieces = []
+      for device, rows in self._slices.items():
+        first, last, _ = rows.indices(self.global_batch_size)
+        start = where[first]
+        pieces.append(jax.device_put(value[start:start + last - first], device))
+      batch[key] = jax.make_array_from_single_device_arrays(shape, self.sharding, pieces)
+    return batch
+
+
+def make_process_data(config: ml_collections.ConfigDict, layout: Layout) -> LMData:
+  """This process's data (its `layout` rows); process 0 first builds any missing dataset or
+  tokenizer cache, which processes sharing a data_dir would otherwise race to build."""
   if jax.process_index() == 0:
-    data = make_data(config, 0, jax.process_count())
+    data = make_data(config, layout.rows)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("mixtral_jax: data prepared")
   if jax.process_index() > 0:
-    data = make_data(config, jax.process_index(), jax.process_count())
+    data = make_data(config, layout.rows)
   return data
 
 
-def global_batch(local_batch: Batch, batch_sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
-  """This process's rows → global arrays on `batch_sharding` (every process passes its own)."""
-  return {key: jax.make_array_from_process_local_data(batch_sharding, value)
-          for key, value in local_batch.items()}
-
-
-def gather_data_states(batches: TrainIterator) -> list[dict]:
-  """Every process's iterator state, by process index (a checkpoint's meta is global).
+def gather_data_state(batches: TrainIterator) -> dict[str, Any]:
+  """The global iterator state (a checkpoint's meta is global).
 
   Every process must call it: with several, it is a collective.
   """
   state = batches.get_state()
   if jax.process_count() == 1:
-    return [state]
+    return merge_states([state])
   cursors = multihost_utils.process_allgather(np.asarray(state["cursors"], np.int32))
-  return [{"step": state["step"], "cursors": c.tolist()} for c in np.asarray(cursors)]
+  return merge_states([{"step": state["step"], "cursors": c} for c in np.asarray(cursors)])
 
 
-def process_data_state(states: Optional[list]) -> Optional[dict]:
-  """This process's entry of `gather_data_states`; None (start afresh) if there is none."""
-  if states is None:  # e.g. an imported HF model: no data consumed yet
+def saved_data_state(state: Any) -> Optional[dict[str, Any]]:
+  """A checkpoint's data state to resume the iterator from; None (start afresh) if it has none.
+
+  Checkpoints written before the state was global held one state per process.
+  """
+  if state is None:  # e.g. an imported HF model: no data consumed yet
     return None
-  if len(states) != jax.process_count():
-    logging.warning("The checkpoint's data state is for %d processes, this run has %d: the data "
-                    "order restarts.", len(states), jax.process_count())
+  if not isinstance(state, dict):
+    logging.warning("The checkpoint's data state is per process (an older format): the data "
+                    "order restarts.")
     return None
-  return states[jax.process_index()]
+  return state

@@ -10,6 +10,7 @@ import logging as pylogging
 import os
 import re
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -17,6 +18,7 @@ from ml_collections import config_flags
 from mixtral_jax import checkpoint as checkpoint_lib
 from mixtral_jax import config as config_lib
 from mixtral_jax import cpu_runtime
+from mixtral_jax import distributed
 from mixtral_jax import files
 from mixtral_jax import interrupt
 from mixtral_jax import sources
@@ -58,6 +60,28 @@ try:
 except _CONFIG_ERRORS as error:
   raise _config_error(error, sys.argv) from None
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Directory for metrics and checkpoints.")
+_STOP_AT = flags.DEFINE_integer(
+    "stop_at_step", None, "End this run after this step, with a checkpoint, as a preemption "
+    "would: the schedule still runs to config.num_train_steps, which a rerun continues to.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", distributed.MODES,
+    "auto: join a multi-process run when the flags below (or JAX_* variables) say so or a "
+    "SLURM/Open MPI/GKE launch of several tasks is detected; yes: always, letting JAX detect "
+    "the cluster (TPU VM pod slices); no: never.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "HOST:PORT of process 0 (JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Processes in the run (JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's index, 0 … N-1 (JAX_PROCESS_ID).")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "distributed_init_timeout", 900,
+    "Seconds to wait for every process to connect (a cold pod can take minutes).")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout", 100, "Seconds without a heartbeat after which a process counts as "
+    "dead and the others stop.")
+_SHUTDOWN_TIMEOUT = flags.DEFINE_integer(
+    "shutdown_timeout", 300, "Seconds a finishing process waits for the others at exit.")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -78,14 +102,40 @@ def main(argv) -> None:
     raise _config_error(e, sys.argv) from None
   if reuse_step_memory:  # before JAX creates its CPU client
     cpu_runtime.reuse_step_memory()
+  given = None
   try:
-    train.train_and_evaluate(config, _WORKDIR.value)
+    given = distributed.settings(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                                 _PROCESS_ID.value)
+    if given is not None:
+      distributed.initialize(given, init_timeout=_INIT_TIMEOUT.value,
+                             heartbeat_timeout=_HEARTBEAT_TIMEOUT.value,
+                             shutdown_timeout=_SHUTDOWN_TIMEOUT.value)
+    train.train_and_evaluate(config, _WORKDIR.value, _STOP_AT.value)
   except interrupt.Interrupted as e:
     print(e, file=sys.stderr, flush=True)
     raise SystemExit(128 + e.signum) from None  # the shell's code for death by that signal
   except (config_lib.ConfigError, checkpoint_lib.CheckpointError, sources.DataError,
-          files.DirectoryError, files.LockedError, train.NonFiniteError) as e:
-    raise SystemExit(f"error: {e}") from None
+          distributed.DistributedError, files.DirectoryError, files.LockedError,
+          train.NonFiniteError) as e:
+    _fail(f"error: {e}", several=given is not None)
+  except Exception:
+    if given is None:
+      raise
+    traceback.print_exc()
+    _fail("", several=True)
+
+
+def _fail(message: str, several: bool) -> None:
+  """Exits with code 1 after `message`. One of several processes exits at once: JAX's shutdown
+  would wait for peers that may be blocked in a collective with this one; they see it gone by
+  its heartbeats instead."""
+  if not several:
+    raise SystemExit(message) from None
+  if message:
+    print(message, file=sys.stderr)
+  sys.stdout.flush()
+  distributed.close_stderr()
+  os._exit(1)
 
 
 def run() -> None:

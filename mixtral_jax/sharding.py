@@ -4,15 +4,17 @@ Every parameter and activation is annotated with logical names (`embed`, `mlp`, 
 only `LOGICAL_AXIS_RULES` below says which mesh axis, if any, splits each of them.
 """
 
+import math
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import ml_collections
 import numpy as np
 
-from mixtral_jax.config import MESH_AXES, mesh_shape
+from mixtral_jax.config import MESH_AXES, ConfigError, mesh_shape
 
 # Tokens are split over every axis but `tensor`: expert-parallel devices also hold their own
 # tokens (GShard), and exchange them with all-to-all.
@@ -40,8 +42,18 @@ def make_mesh(mesh_config: ml_collections.ConfigDict,
   """A mesh with axes (data, fsdp, expert, tensor) over `devices` (default: all)."""
   devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(mesh_config, len(devices))
+  dcn = [mesh_config.dcn[a] for a in MESH_AXES]
+  if math.prod(dcn) == 1:
+    array = np.asarray(devices).reshape([shape[a] for a in MESH_AXES])
+  else:
+    processes = len({d.process_index for d in devices})
+    if math.prod(dcn) != processes:
+      raise ConfigError(f"config.mesh.dcn: sizes {dict(zip(MESH_AXES, dcn))} multiply to "
+                        f"{math.prod(dcn)}, but the devices belong to {processes} processes")
+    within = [shape[a] // d for a, d in zip(MESH_AXES, dcn)]
+    array = mesh_utils.create_hybrid_device_mesh(within, dcn, devices, process_is_granule=True)
   # Auto axes: jit/GSPMD propagates shardings outside the explicit shard_map MoE.
-  return Mesh(np.asarray(devices).reshape([shape[a] for a in MESH_AXES]), MESH_AXES)
+  return Mesh(array, MESH_AXES)
 
 
 def logical_to_spec(names: Sequence[Optional[str]]) -> PartitionSpec:

@@ -14,7 +14,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from mixtral_jax import build as build_lib
 from mixtral_jax import checkpoint as checkpoint_lib
@@ -40,10 +39,10 @@ def _device_reads():
   return jax.transfer_guard_device_to_host("allow")
 
 
-def evaluate(setup: build_lib.Setup, params, data: data_lib.LMData,
+def evaluate(setup: build_lib.Setup, params, data: data_lib.LMData, layout: data_lib.Layout,
              num_batches: int) -> dict[str, float]:
   """Mean held-out cross-entropy (nats/token) and perplexity over `num_batches` batches."""
-  sums = [setup.eval_step(params, data_lib.global_batch(batch, setup.batch_sharding))
+  sums = [setup.eval_step(params, layout.global_batch(batch))
           for batch in data.eval_batches(num_batches)]
   with _device_reads():
     sums = jax.device_get(sums)
@@ -83,18 +82,6 @@ class _Interval:
     return mean, streak, seconds
 
 
-def _stop_signal(stops: interrupt.StopRequests, log_step: bool) -> Optional[int]:
-  """The signal to stop on, if any. With several processes they must agree on the step (the
-  save is collective), so each one's signal is shared at log steps only."""
-  if jax.process_count() == 1:
-    return stops.received
-  if not log_step:
-    return None
-  with _device_reads():
-    received = multihost_utils.process_allgather(np.int32(stops.received or 0))
-  return int(np.max(received)) or None
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stop_at_step: Optional[int] = None,
                        devices: Optional[Sequence[jax.Device]] = None) -> dict[str, Any]:
@@ -115,7 +102,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if jax.process_index() == 0:
     lock.acquire()
   try:
-    with interrupt.StopRequests() as stops:
+    with interrupt.StopRequests(shared=jax.process_count() > 1) as stops:
       return _train(setup, workdir, stop_at_step, stops)
   finally:
     lock.release()
@@ -157,7 +144,7 @@ def _restore(setup: build_lib.Setup, checkpointer: checkpoint_lib.Checkpointer, 
     start_step = int(state.step)
   workdir = os.path.dirname(checkpointer.directory)
   print(f"resuming from checkpoint at step {start_step} in {workdir}", flush=True)
-  return state, start_step, data_lib.process_data_state(meta.data_state)
+  return state, start_step, data_lib.saved_data_state(meta.data_state)
 
 
 def _train(setup: build_lib.Setup, workdir: str, stop_at_step: Optional[int],
@@ -166,7 +153,8 @@ def _train(setup: build_lib.Setup, workdir: str, stop_at_step: Optional[int],
   primary = jax.process_index() == 0  # writes the workdir's shared files
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
   state, start_step, data_state = _restore_or_init(setup, checkpointer)
-  data = data_lib.make_process_data(config)
+  layout = data_lib.Layout(setup.batch_sharding, config.global_batch_size)
+  data = data_lib.make_process_data(config, layout)
   if primary:
     write_atomically(os.path.join(workdir, "config.json"),
                      config.to_json_best_effort(indent=2).encode())
@@ -180,6 +168,10 @@ def _train(setup: build_lib.Setup, workdir: str, stop_at_step: Optional[int],
     checkpointer.close()
     print(f"nothing to do: the checkpoint is at step {start_step}, the run ends at {last_step}")
     return {"resumed_step": start_step}
+  if jax.process_count() > 1:
+    owner = np.vectorize(lambda d: d.process_index)(setup.mesh.devices)
+    logging.info("Process of each mesh device (%s): %s", ", ".join(setup.mesh.axis_names),
+                 owner.tolist())
   total, active = count_params(setup.abstract_state.params, config.model)
   logging.info("Model: %s parameters, %s active per token.", f"{total:,}", f"{active:,}")
   print(f"model: {total:,} parameters ({active:,} active) | mesh "
@@ -208,27 +200,26 @@ def _train(setup: build_lib.Setup, workdir: str, stop_at_step: Optional[int],
 
   interval, pending = _Interval(), None
   for step in range(start_step + 1, last_step + 1):
-    state, metrics = setup.train_step(state, data_lib.global_batch(next(batches),
-                                                                  setup.batch_sharding))
+    state, metrics = setup.train_step(state, layout.global_batch(next(batches)))
     interval.metrics.append(metrics)
     checkpointer.check()  # a save that failed in the background stops the run now
     if pending:  # the last log step's metrics, read now that this step is queued behind it
       write_log(*pending)
       pending = None
     log_step = step % config.log_every_steps == 0 or step == start_step + 1
-    stop_signal = _stop_signal(stops, log_step)
+    stop_signal = stops.stop_after(step)
     is_last = step == last_step or stop_signal is not None
     evaluated = {}
     if (config.eval_every_steps and step % config.eval_every_steps == 0 or
         step == config.num_train_steps):
       start = time.perf_counter()
-      eval_metrics = evaluated = evaluate(setup, state.params, data, config.eval_batches)
+      eval_metrics = evaluated = evaluate(setup, state.params, data, layout, config.eval_batches)
       interval.exclude(time.perf_counter() - start)
     if is_last or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0):
       with _device_reads():
         _check_finite(int(metrics["nonfinite_streak"]), step, config, checkpointer)
         checkpointer.save(step, state, checkpoint_lib.Meta(
-            saved_config, batches.step, data_lib.gather_data_states(batches)))
+            saved_config, batches.step, data_lib.gather_data_state(batches)))
     if log_step or is_last:
       pending, interval = (step, interval, evaluated), _Interval()
     elif evaluated:  # an eval step between log steps: its own record

@@ -69,9 +69,9 @@ def tiny_config(tmp_path):
 
 
 @pytest.fixture
-def train_command(tiny_config):
-  """train_command(workdir, steps, *flags) → (argv, env) of `mixtral-train` on tiny_config()'s
-  model and corpus, on one device: logs every step, checkpoints every 2 steps, keeps them all."""
+def train_flags(tiny_config):
+  """train_flags(workdir, steps, *flags) → `mixtral-train` flags for tiny_config()'s model and
+  corpus: logs every step, checkpoints every 2 steps, keeps them all."""
   config = tiny_config()
 
   def make(workdir, steps, *flags):
@@ -83,11 +83,34 @@ def train_command(tiny_config):
                  "model.head_dim": 8, "model.num_experts": 4, "model.block_size": 16,
                  "data.data_dir": config.data.data_dir, "data.source": config.data.source,
                  "data.files": config.data.files, "data.eval_fraction": 0.25}
-    args = [sys.executable, "-u", "-m", "mixtral_jax.main", "--config=configs/default.py",
-            f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    return (["--config=configs/default.py", f"--workdir={workdir}"] +
+            [f"--config.{k}={v}" for k, v in overrides.items()] + list(flags))
+
+  return make
+
+
+@pytest.fixture
+def train_command(train_flags):
+  """train_command(workdir, steps, *flags) → (argv, env) of `mixtral-train` with `train_flags`,
+  on one device."""
+
+  def make(workdir, steps, *flags):
+    args = [sys.executable, "-u", "-m", "mixtral_jax.main"] + train_flags(workdir, steps, *flags)
     # One device, as `make train` runs (the tests' own process simulates 8).
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    return args + list(flags), env
+    return args, dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+  return make
+
+
+@pytest.fixture
+def launch_command(train_flags):
+  """launch_command(workdir, steps, processes, devices, *flags) → (argv, env) of
+  `launch/local.sh` running `train_flags` as `processes` processes of `devices` CPU devices."""
+
+  def make(workdir, steps, processes, devices, *flags):
+    args = ["bash", os.path.join(REPO, "launch", "local.sh"), f"--num_processes={processes}",
+            f"--devices_per_process={devices}", "--grace=60", "--"]
+    return args + train_flags(workdir, steps, *flags), dict(os.environ, PYTHON=sys.executable)
 
   return make
 

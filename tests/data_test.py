@@ -1,5 +1,6 @@
-"""Data: packing, local-file and TFDS sources, per-process shards, resumable batches, bad input."""
+"""Data: packing, local-file and TFDS sources, per-process rows, resumable batches, bad input."""
 
+import collections
 import json
 import logging
 import pathlib
@@ -198,31 +199,66 @@ def data_config(tmp_path, corpus_dir):
   return _config(tmp_path, files=f"{corpus_dir}/**/*.py")
 
 
-def test_processes_read_disjoint_shards_that_cover_the_split(data_config):
+def test_processes_rows_together_are_the_one_process_batches(data_config):
   whole = data_lib.make_data(data_config)
-  shares = [data_lib.make_data(data_config, process_index=i, process_count=2) for i in range(2)]
-  for split in ("train_documents", "eval_documents"):
-    texts = [list(getattr(share, split)) for share in shares]
-    assert texts[0] and texts[1] and not set(texts[0]) & set(texts[1])
-    assert sorted(texts[0] + texts[1]) == sorted(getattr(whole, split))
-  assert shares[0].batch_size == 2 and next(shares[1].train_iterator())["inputs"].shape == (2, 16)
+  halves = [data_lib.make_data(data_config, rows) for rows in ([0, 3], [1, 2])]
+  iterators = [data.train_iterator() for data in [whole] + halves]
+  evals = [list(data.eval_batches(3)) for data in [whole] + halves]
+  for batches in [[next(it) for it in iterators] for _ in range(5)] + list(zip(*evals)):
+    full, first, second = batches
+    for key in full:
+      np.testing.assert_array_equal(full[key][[0, 3]], first[key], err_msg=key)
+      np.testing.assert_array_equal(full[key][[1, 2]], second[key], err_msg=key)
 
 
-def test_each_epoch_reads_every_document_of_the_shard_once(data_config):
-  data = data_lib.make_data(data_config, process_index=1, process_count=2)
+def test_each_epoch_reads_every_document_once(data_config):
+  data = data_lib.make_data(data_config)
   read = []
   tokenize = data.tokenize
   data.tokenize = lambda text: read.append(text) or tokenize(text)
   iterator = data.train_iterator()
-  documents = list(data.train_documents)
+  documents = list(data.corpus.train)
   while len(read) < 2.5 * len(documents):  # about two and a half epochs of batches
     next(iterator)
   counts = {doc: read.count(doc) for doc in documents}
-  assert len(read) == sum(counts.values())  # only this shard's documents
+  assert len(read) == sum(counts.values())  # only train documents
   # Epochs 0 and 1 read whole (each document twice); epoch 2 is under way. The streams keep
   # within a few documents of each other, so no document is read a third time early or
   # skipped.
   assert set(counts.values()) <= {2, 3} and 2 in counts.values() and 3 in counts.values()
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_resuming_on_another_process_count_reads_each_document_once(data_config, before,
+                                                                    after):
+  """The state saved by `before` processes (merged, as the checkpoint holds it) resumes on
+  `after`: the batches are the uninterrupted run's, and every document is read once."""
+  split = {1: [[0, 1, 2, 3]], 2: [[0, 1], [2, 3]]}
+
+  def reading(rows):
+    data = data_lib.make_data(data_config, rows)
+    read, tokenize = [], data.tokenize
+    data.tokenize = lambda text: read.append(text) or tokenize(text)
+    return data, read
+
+  straight, straight_read = reading(None)
+  iterator = straight.train_iterator()
+  expected = [next(iterator) for _ in range(30)]  # over an epoch of this corpus
+  first = [reading(rows) for rows in split[before]]
+  iterators = [data.train_iterator() for data, _ in first]
+  got = [[next(it) for it in iterators] for _ in range(13)]
+  state = json.loads(json.dumps(data_lib.merge_states([it.get_state() for it in iterators])))
+  second = [reading(rows) for rows in split[after]]
+  iterators = [data.train_iterator(state) for data, _ in second]
+  got += [[next(it) for it in iterators] for _ in range(17)]
+  for want, parts in zip(expected, got):
+    for key in want:
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), want[key])
+  # A document under way at the save is tokenized again to continue it: count it once.
+  continued = sum(1 for doc, offset in state["cursors"] if offset > 0)
+  read = [text for _, r in first + second for text in r]
+  assert continued and not collections.Counter(straight_read) - collections.Counter(read)
+  assert sum((collections.Counter(read) - collections.Counter(straight_read)).values()) == continued
 
 
 def test_batches_after_a_restored_state_equal_the_uninterrupted_run(data_config):
@@ -259,12 +295,13 @@ def test_eval_batches_cover_the_split_in_order_then_pad(data_config):
   batches = list(data.eval_batches(200))
   assert batches[-1]["weights"].sum() == 0  # the split ran out: padding only
   np.testing.assert_array_equal(list(data.eval_batches(4))[3]["inputs"], batches[3]["inputs"])
-  # Rows are cut from one stream, so reading them in order gives back every document.
-  rows = [(b["inputs"][r], b["weights"][r]) for b in batches for r in range(len(b["inputs"]))]
-  tokens = np.concatenate([inputs[weights > 0] for inputs, weights in rows])
-  expected = np.concatenate([[data.tokenizer.bos_id()] + data.tokenizer.encode(text)
-                             for text in data.eval_documents])
-  np.testing.assert_array_equal(tokens, expected)
+  # Row r is cut from eval documents r, r + B, …: reading it in order gives them back.
+  documents, rows = data.corpus.eval, len(batches[0]["inputs"])
+  for r in range(rows):
+    tokens = np.concatenate([b["inputs"][r][b["weights"][r] > 0] for b in batches])
+    expected = np.concatenate([[data.tokenizer.bos_id()] + data.tokenizer.encode(documents[i])
+                               for i in range(r, len(documents), rows)])
+    np.testing.assert_array_equal(tokens, expected)
 
 
 def test_unigram_entropy_is_measured_once_and_cached(data_config, monkeypatch):

@@ -235,7 +235,8 @@ def test_benchmark_step_is_the_program_training_runs(tmp_path, tiny_config, repo
   trained, = setups
   # Training's step as the loop called it: on a batch from the real data pipeline.
   data = data_lib.make_data(config)
-  batch = data_lib.global_batch(next(data.train_iterator()), trained.batch_sharding)
+  layout = data_lib.Layout(trained.batch_sharding, config.global_batch_size)
+  batch = layout.global_batch(next(data.train_iterator()))
   trained_text = _compiled_text(trained.train_step, trained.abstract_state, batch)
   ours = reference.Ours(config)
   bench_batch = reference.make_batches(1, config.global_batch_size, config.seq_len,
@@ -331,4 +332,7 @@ def test_importing_the_library_defines_no_flags(repo):
   result = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True,
                           text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
-  assert result.stdout.splitlines() == ["[]", "['mixtral_jax.main'] ['config', 'workdir']"]
+  main_flags = ["config", "coordinator_address", "distributed", "distributed_init_timeout",
+                "heartbeat_timeout", "num_processes", "process_id", "shutdown_timeout",
+                "stop_at_step", "workdir"]
+  assert result.stdout.splitlines() == ["[]", f"['mixtral_jax.main'] {main_flags}"]

@@ -1,0 +1,239 @@
+"""Multi-process training, through launch/local.sh: real processes on loopback, gloo collectives.
+
+Every case runs the `mixtral-train` program users run; the processes are the launcher's.
+"""
+
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+# (mesh, dcn): data=2 × expert=4 with the expert exchange spanning both processes, and
+# fsdp=2 × expert=2 × tensor=2 with fsdp across them.
+MESHES = {"expert_across": ("--config.mesh.data=2", "--config.mesh.expert=4",
+                            "--config.mesh.dcn.expert=2"),
+          "fsdp_across": ("--config.mesh.data=1", "--config.mesh.fsdp=2",
+                          "--config.mesh.expert=2", "--config.mesh.tensor=2")}
+
+
+def _run(command, timeout=600):
+  args, env = command
+  return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _losses(workdir) -> list[float]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [record["loss"] for record in map(json.loads, f) if "loss" in record]
+
+
+def _log(workdir, process) -> str:
+  with open(os.path.join(workdir, "logs", f"process_{process}.log")) as f:
+    return f.read()
+
+
+def _pids(workdir) -> dict[int, int]:
+  with open(os.path.join(workdir, "logs", "pids")) as f:
+    return {int(i): int(pid) for i, pid in (line.split() for line in f)}
+
+
+def _start(command):
+  args, env = command
+  return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+
+
+def _wait_for_step(workdir, step, process, timeout=300):
+  """Waits until `process` has logged `step`."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    try:
+      if re.search(rf"step {step}/", _log(workdir, process)):
+        return
+    except FileNotFoundError:
+      pass
+    time.sleep(0.2)
+  pytest.fail(f"process {process} did not reach step {step}")
+
+
+def _complete_checkpoints(workdir) -> list[int]:
+  return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+
+
+def test_dry_run_prints_each_process_command(tmp_path, launch_command):
+  args, env = launch_command(tmp_path / "run", 3, 3, 2, "--config.data.files=/a dir/*.py")
+  out = _run((args[:2] + ["--dry-run"] + args[2:], env))
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.splitlines()
+  assert len(lines) == 3
+  for i, line in enumerate(lines):
+    words = shlex.split(line.removeprefix("+ "))
+    assert words[:2] == ["env", "JAX_PLATFORMS=cpu"]
+    assert "XLA_FLAGS=--xla_force_host_platform_device_count=2" in words  # 8 inherited: dropped
+    assert f"JAX_PROCESS_ID={i}" in words and "JAX_NUM_PROCESSES=3" in words
+    assert re.fullmatch(r"JAX_COORDINATOR_ADDRESS=127\.0\.0\.1:\d+",
+                        next(w for w in words if w.startswith("JAX_COORDINATOR_ADDRESS=")))
+    assert words[words.index("-m") + 1] == "mixtral_jax.main"
+    assert "--config.data.files=/a dir/*.py" in words
+    assert words[-3:] == [">", str(tmp_path / "run" / "logs" / f"process_{i}.log"), "2>&1"]
+  assert not (tmp_path / "run").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("mesh,dispatch", [
+    ("expert_across", "dropless"),
+    pytest.param("expert_across", "capacity", marks=pytest.mark.slow),
+    pytest.param("fsdp_across", "dropless", marks=pytest.mark.slow),
+    pytest.param("fsdp_across", "capacity", marks=pytest.mark.slow)])
+def test_two_processes_train_as_one(tmp_path, launch_command, mesh, dispatch):
+  flags = MESHES[mesh] + (f"--config.model.dispatch={dispatch}",
+                          "--config.model.capacity_factor=4.0")
+  one = tmp_path / "one"
+  out = _run(launch_command(one, 10, 1, 8, *[f for f in flags if ".dcn." not in f]))
+  assert out.returncode == 0, out.stderr[-3000:]
+  two = tmp_path / "two"
+  out = _run(launch_command(two, 10, 2, 4, *flags))
+  assert out.returncode == 0, out.stderr[-3000:] + _log(two, 1)[-3000:]
+  np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
+  assert len(_losses(two)) == 10
+  owners = re.search(r"Process of each mesh device \(data, fsdp, expert, tensor\): (.*)",
+                     _log(two, 0))[1]
+  owners = np.array(json.loads(owners))  # [data, fsdp, expert, tensor] process indices
+  across = {"expert_across": 2, "fsdp_across": 1}[mesh]
+  lines = np.moveaxis(owners, across, -1).reshape(-1, owners.shape[across])
+  assert all(set(line) == {0, 1} for line in lines.tolist())  # each spans both processes
+  assert not (two / "logs" / "process_1.log").read_text().count("Traceback")
+
+
+def test_sigterm_saves_one_checkpoint_at_a_common_step_and_the_rerun_equals_a_straight_run(
+    tmp_path, launch_command):
+  straight = tmp_path / "straight"
+  out = _run(launch_command(straight, 40, 2, 4, "--config.checkpoint_every_steps=1000"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  run = tmp_path / "run"
+  command = launch_command(run, 40, 2, 4, "--config.checkpoint_every_steps=1000")
+  launcher = _start(command)
+  _wait_for_step(run, 3, 0)
+  for pid in _pids(run).values():
+    os.kill(pid, signal.SIGTERM)
+  _, stderr = launcher.communicate(timeout=300)
+  assert launcher.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+  stopped = [re.findall(r"stopped by SIGTERM at step (\d+): checkpoint \1 saved", _log(run, i))
+             for i in (0, 1)]
+  assert len(stopped[0]) == len(stopped[1]) == 1 and stopped[0] == stopped[1]
+  step = int(stopped[0][0])
+  assert 3 <= step < 40 and _complete_checkpoints(run) == [step]
+  out = _run(command)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"resuming from checkpoint at step {step}" in _log(run, 0)
+  assert _losses(run) == _losses(straight)  # bitwise, as one process resumes
+
+
+def test_a_killed_process_stops_the_others_in_one_line_and_the_rerun_resumes(
+    tmp_path, launch_command):
+  run = tmp_path / "run"
+  command = launch_command(run, 400, 2, 4, "--heartbeat_timeout=5")
+  launcher = _start(command)
+  _wait_for_step(run, 5, 0)
+  os.kill(_pids(run)[1], signal.SIGKILL)
+  killed = time.monotonic()
+  _, stderr = launcher.communicate(timeout=120)
+  took = time.monotonic() - killed
+  assert launcher.returncode != 0
+  assert took < 5 + 20  # the heartbeat timeout, then the slack of noticing and exiting
+  assert "process 1 exited with code 137 first" in stderr.splitlines()[-1]
+  log = _log(run, 0)
+  errors = [line for line in log.splitlines() if "error" in line.lower()]
+  assert errors == [next(line for line in errors if line.startswith("error: process 1 of this "
+                                                                       "run stopped"))], errors
+  for noise in ("Traceback", "Check failure", "Fatal Python error", "coordination_service"):
+    assert noise not in log
+  last = _complete_checkpoints(run)[-1]
+  out = _run(launch_command(run, last + 2, 2, 4))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"resuming from checkpoint at step {last}" in _log(run, 0)
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])
+def test_resuming_on_another_process_count_continues_the_loss_curve(tmp_path, launch_command,
+                                                                   before, after):
+  straight = tmp_path / "straight"
+  out = _run(launch_command(straight, 12, 1, 8))
+  assert out.returncode == 0, out.stderr[-3000:]
+  run = tmp_path / "run"
+  for processes, flags in ((before, ["--stop_at_step=6"]), (after, [])):
+    out = _run(launch_command(run, 12, processes, 8 // processes, *flags))
+    assert out.returncode == 0, out.stderr[-3000:]
+  assert "resuming from checkpoint at step 6" in _log(run, 0)
+  np.testing.assert_allclose(_losses(run), _losses(straight), rtol=1e-5)
+
+
+def _one_line_error(text: str) -> str:
+  errors = [line for line in text.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "Traceback" not in text, text[-3000:]
+  return errors[0]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--num_processes=2", "--process_id=2", "--coordinator_address=127.0.0.1:1"),
+     r"--process_id=2: must be in \[0, --num_processes=2\)"),
+    (("--num_processes=2", "--coordinator_address=127.0.0.1:1"),
+     r"--process_id must be given too"),
+    (("--num_processes=2", "--process_id=0", "--coordinator_address=localhost"),
+     r"--coordinator_address=localhost: must be HOST:PORT"),
+])
+def test_bad_distributed_flags_give_one_line(tmp_path, train_command, flags, message):
+  out = _run(train_command(tmp_path / "run", 2, *flags), timeout=60)
+  assert out.returncode == 1
+  assert re.search(message, _one_line_error(out.stderr))
+
+
+def test_processes_told_different_process_counts_stop_in_one_line_each(tmp_path,
+                                                                       train_command):
+  port = _free_port()
+  started = [_start(train_command(tmp_path / "run", 2, f"--coordinator_address=127.0.0.1:{port}",
+                                  f"--num_processes={count}", f"--process_id={index}",
+                                  "--heartbeat_timeout=5"))
+             for index, count in ((0, 2), (1, 3))]
+  outputs = [process.communicate(timeout=120) for process in started]
+  assert [process.returncode for process in started] == [1, 1]
+  assert "--num_processes=3 here, but the run's coordinator says 2" in _one_line_error(
+      outputs[1][1])
+  assert _one_line_error(outputs[0][1]).startswith("error: process 1 of this run stopped")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_an_unreachable_coordinator_gives_one_line_within_the_timeout(tmp_path, train_command):
+  start = time.monotonic()
+  out = _run(train_command(tmp_path / "run", 2, "--num_processes=2", "--process_id=1",
+                           "--coordinator_address=127.0.0.1:9", "--distributed_init_timeout=3"),
+             timeout=120)
+  # JAX's distributed client aborts the process (SIGABRT): the filter leaves one line of it.
+  assert out.returncode == -signal.SIGABRT and time.monotonic() - start < 60
+  assert "cannot join the run's processes through 127.0.0.1:9 within " \
+         "--distributed_init_timeout=3 s" in _one_line_error(out.stderr)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--config.global_batch_size=6",), r"config\.global_batch_size: 6 .* not divisible by the "
+                                        r"8 batch shards"),
+    (("--config.mesh.data=16",), r"config\.mesh: .* but there are 8 devices"),
+])
+def test_bad_global_settings_give_one_line_on_every_process(tmp_path, launch_command, flags,
+                                                            message):
+  run = tmp_path / "run"
+  out = _run(launch_command(run, 2, 2, 4, *flags), timeout=300)
+  assert out.returncode == 1
+  for process in (0, 1):
+    assert re.search(message, _one_line_error(_log(run, process)))
