@@ -140,6 +140,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.data_dir = "~/.cache/mixtral_jax"
   # Existing SentencePiece .model to use ("" = train one on the training split and cache it).
   data.tokenizer_path = ""
-  # Document streams packed in parallel per process; each batch draws its rows from random ones.
+  # Document streams packed in parallel (rounded up to a multiple of global_batch_size): each
+  # row of a batch owns a few and every step takes it from a random one of them.
   data.num_streams = 64
   return config

@@ -5,6 +5,7 @@ import json
 import logging
 import pathlib
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import tensorflow_datasets as tfds
 
 from configs import default
 from mixtral_jax import data as data_lib
-from mixtral_jax import packing, sources
+from mixtral_jax import packing, sharding, sources
 
 VOCAB_SIZE = 320
 BOS, EOS = 2, 3
@@ -320,3 +321,17 @@ def test_tokenizer_must_match_the_model_vocab_size(tmp_path, data_config):
   data_config.data.tokenizer_path = str(next((tmp_path / "cache" / "tokenizers").glob("*.model")))
   with pytest.raises(sources.DataError, match=f"vocab size {VOCAB_SIZE} but config.model"):
     data_lib.make_data(data_config)
+
+
+def test_a_layout_assembles_its_rows_on_the_batch_sharding():
+  """Rows split over (data, fsdp, expert) and replicated over tensor: every device gets its own."""
+  mesh_config = default.get_config().mesh
+  mesh_config.update(data=2, fsdp=1, expert=2, tensor=2)
+  batch_sharding = sharding.batch_sharding(sharding.make_mesh(mesh_config, jax.devices()))
+  layout = data_lib.Layout(batch_sharding, 8)
+  assert layout.rows == list(range(8))  # one process holds them all
+  batch = {"inputs": np.arange(8 * 3, dtype=np.int32).reshape(8, 3)}
+  got = layout.global_batch(batch)["inputs"]
+  assert got.sharding == batch_sharding
+  for shard in got.addressable_shards:
+    np.testing.assert_array_equal(np.asarray(shard.data), batch["inputs"][shard.index])
