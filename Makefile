@@ -11,7 +11,8 @@ TEST_WORKERS ?= --numprocesses=auto --maxprocesses=4
 
 .PHONY: install train test test-slow bench clean
 
-# Extras to install: dev (tests, conversion to PyTorch); tpu on a TPU VM (make install EXTRAS=tpu).
+# Extras to install: dev (tests, conversion to PyTorch); tpu on a TPU VM (make install EXTRAS=tpu)
+# and for the TPU compile tests.
 EXTRAS ?= dev
 
 $(VENV)/.installed-$(EXTRAS): setup.py
@@ -29,11 +30,14 @@ install: $(VENV)/.installed-$(EXTRAS)
 train: install
 	$(PY) -m mixtral_jax.main --config=configs/default.py --workdir=$(WORKDIR) $(ARGS)
 
-test: install
+# The tests also compile for TPU slices (tests/compile_test.py), with libtpu: the tpu extra.
+test:
+	$(MAKE) install EXTRAS=dev,tpu
 	$(PY) -m pytest -q $(TEST_WORKERS) -m "not slow" tests
 
 # The slow end-to-end suite: every mesh and multi-process case (`make test` runs a few).
-test-slow: install
+test-slow:
+	$(MAKE) install EXTRAS=dev,tpu
 	$(PY) -m pytest -q $(TEST_WORKERS) -m slow tests
 
 bench: $(VENV)/.bench-installed

@@ -35,6 +35,7 @@ setup(
     entry_points={
         "console_scripts": ["mixtral-train=mixtral_jax.main:run",
                             "mixtral-convert=mixtral_jax.convert:main",
+                            "mixtral-compile=mixtral_jax.compile:main",
                             "mixtral-tokenizer=mixtral_jax.tokenizer:main"],
     },
 )

@@ -16,6 +16,32 @@ def all_to_all_bytes(hlo_text: str) -> list[int]:
   for line in hlo_text.splitlines():
     match = _ALL_TO_ALL.search(line)
     if match:
-      sizes.append(sum(_DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
-                       for dtype, dims in _SHAPE.findall(match.group(1))))
+      sizes.append(_bytes(_SHAPE.findall(match.group(1))))
   return sizes
+
+
+_COLLECTIVE = re.compile(r"=\s*(.*?)\s+(all-to-all|ragged-all-to-all|all-gather|reduce-scatter|"
+                         r"all-reduce|collective-permute)(-start)?\(")
+
+
+def _bytes(shapes: list[tuple[str, str]]) -> int:
+  return sum(_DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
+             for dtype, dims in shapes)
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+  """{kind: {"count", "bytes", "elements"}} of the collectives in `hlo_text`: ops as written (one
+  inside a loop body counts once, not per iteration) and their per-device results."""
+  totals = {}
+  for line in hlo_text.splitlines():
+    match = _COLLECTIVE.search(line)
+    if match:
+      shapes = _SHAPE.findall(match.group(1))
+      if match.group(3) and match.group(2) != "all-to-all":  # async start: (operands…, result)
+        shapes = shapes[-1:]
+      kind = totals.setdefault(match.group(2), {"count": 0, "bytes": 0, "elements": 0})
+      kind["count"] += 1
+      kind["bytes"] += _bytes(shapes)
+      kind["elements"] += sum(int(np.prod([int(d) for d in dims.split(",") if d]))
+                              for _, dims in shapes)
+  return totals
