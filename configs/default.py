@@ -105,6 +105,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.loss_chunk_tokens = 512
   # Rematerialise each decoder block in the backward pass to save activation memory.
   model.remat = False
+  # The decoder stack as one scanned block (parameters stacked on a layers axis): compile time
+  # stops growing with depth, and with remat one layer's activations are kept.
+  model.scan_layers = False
 
   config.mesh = mesh = ml_collections.ConfigDict()
   # Data-parallel replicas (-1 = all devices the other axes leave).

@@ -33,4 +33,6 @@ def get_config():
   model.dtype = "bfloat16"
   # Recompute block activations in the backward pass.
   model.remat = True
+  # 32 layers compile as one.
+  model.scan_layers = True
   return config

@@ -97,17 +97,25 @@ trap ':' INT  # Ctrl-C reaches the processes themselves; wait for them to save a
 codes=() first=""
 remaining=$num_processes
 while [ "$remaining" -gt 0 ]; do
+  failed=()  # the processes found ended with an error in this round
   for ((i = 0; i < num_processes; i++)); do
     [ -n "${codes[$i]:-}" ] && continue
     kill -0 "${pids[$i]}" 2>/dev/null && continue
     code=0; wait "${pids[$i]}" || code=$?
     codes[$i]=$code
     remaining=$((remaining - 1))
-    if [ "$code" != 0 ] && [ -z "$first" ]; then
-      first=$i
-      [ "$remaining" -gt 0 ] && stop_all
-    fi
+    [ "$code" != 0 ] && failed+=("$i")
   done
+  if [ -z "$first" ] && [ ${#failed[@]} -gt 0 ]; then
+    # Of processes that ended together, one killed by a signal (kill -9, the OOM killer, a
+    # crash) is the likely cause; one that aborted (134) or exited 1 after losing it, not.
+    first=${failed[0]}
+    for i in "${failed[@]}"; do [ "${codes[$i]}" != 134 ] && { first=$i; break; }; done
+    for i in "${failed[@]}"; do
+      [ "${codes[$i]}" -gt 128 ] && [ "${codes[$i]}" != 134 ] && { first=$i; break; }
+    done
+    [ "$remaining" -gt 0 ] && stop_all
+  fi
   sleep 0.2
 done
 wait "$tail_pid" 2>/dev/null || true

@@ -98,7 +98,9 @@ def _moe_minimum_elements(config, chips: int) -> float:
   (Counted in values, not bytes: XLA:TPU may send some exchanges in bf16.)"""
   model = config.model
   tokens_per_chip = config.global_batch_size * config.seq_len / (chips / config.mesh.tensor)
-  return 4 * model.num_layers * tokens_per_chip * model.experts_per_token * model.hidden_size
+  # Scanned, the compiled program holds one layer's exchanges (run L times).
+  layers = 1 if model.scan_layers else model.num_layers
+  return 4 * layers * tokens_per_chip * model.experts_per_token * model.hidden_size
 
 
 def _out_of_memory(error: Exception) -> Optional[dict[str, float]]:
@@ -121,6 +123,7 @@ def report(config, topology: str) -> dict[str, Any]:
   setup = build_lib.build(config, devices, abstract=True)
   state = setup.abstract_state
   result = {"topology": topology, "jax_topology": slice_.jax_name, "chips": len(devices),
+            "scanned": bool(config.model.scan_layers),
             "mesh": dict(setup.mesh.shape), "hbm_per_chip": slice_.hbm_gib * GIB,
             "parameters": _state_bytes(state.params), "optimizer_state": _state_bytes(
                 state.opt_state)}
@@ -179,13 +182,14 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"XLA:TPU: {r['out_of_memory']}")
   if "compiled_flops" in r:
     useful = r["model_flops"] + r["recompute_flops"]
+    loops = "the chunked loss, the scanned layers" if r["scanned"] else "the chunked loss"
     lines.append(f"FLOPs per chip per step: compiled {r['compiled_flops']:.3e} (XLA's static "
-                 f"count: a loop body, e.g. the chunked loss, counts once), model {r['model_flops']:.3e} + remat recompute "
-                 f"{r['recompute_flops']:.3e}: compiled ÷ (model + recompute) = "
-                 f"{r['compiled_flops'] / useful:.2f}")
-    lines.append("collectives per chip per step (ops as compiled): " + (", ".join(
-        f"{kind} {c['count']}× {c['bytes'] / 1e6:.1f} MB" for kind, c in
-        r["collectives"].items()) or "none"))
+                 f"count: a loop body, e.g. {loops}, counts once), model "
+                 f"{r['model_flops']:.3e} + remat recompute {r['recompute_flops']:.3e}: "
+                 f"compiled ÷ (model + recompute) = {r['compiled_flops'] / useful:.2f}")
+    lines.append("collectives per chip per step (ops as compiled, loop bodies once): " + (
+        ", ".join(f"{kind} {c['count']}× {c['bytes'] / 1e6:.1f} MB"
+                  for kind, c in r["collectives"].items()) or "none"))
     if "moe_all_to_all_bytes" in r:
       lines.append(f"MoE all-to-all: {r['moe_all_to_all_bytes'] / 1e6:.1f} MB of buffers, "
                    f"{r['moe_all_to_all_ratio']:.2f} × the values the tokens' k slots need")

@@ -177,7 +177,7 @@ _RESUME_FIXED = (
     "seed", "model.vocab_size", "model.hidden_size", "model.intermediate_size",
     "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.head_dim",
     "model.num_experts", "model.experts_per_token", "model.rope_theta", "model.rms_norm_eps",
-    "model.sliding_window", "data.source", "data.files", "data.text_key", "data.tfds_name",
+    "model.sliding_window", "model.scan_layers", "data.source", "data.files", "data.text_key", "data.tfds_name",
     "data.train_split", "data.eval_split", "data.eval_fraction", "data.tokenizer_path",
     "data.num_streams")
 # Settings expected to change between runs of one training (where and how it runs, how often it

@@ -28,6 +28,7 @@ from configs import default
 from mixtral_jax import build as build_lib
 from mixtral_jax import checkpoint
 from mixtral_jax import config as config_lib
+from mixtral_jax.model import stack_layers, unstack_layers
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -56,6 +57,7 @@ def hf_tensors(params, model_config) -> Iterator[tuple[str, np.ndarray]]:
   """(HF key, array) pairs for our params, one tensor at a time (never two full copies)."""
   m = model_config
   f32 = lambda x: np.asarray(x, np.float32)
+  params = unstack_layers(params)  # a scan_layers checkpoint exports as the unrolled one
   yield "model.embed_tokens.weight", f32(params["embed"])
   yield "model.norm.weight", f32(params["final_norm"]["scale"])
   yield "lm_head.weight", f32(params["lm_head"]["kernel"]).T
@@ -250,6 +252,8 @@ def params_from_hf(read, model_config) -> dict:
         "post_attention_norm": {"scale": read(f"{p}.post_attention_layernorm.weight", (d,))},
         "attention": attention,
         "moe": {"router": {"kernel": router.T}, "experts": {"gate_up": gate_up, "down": down}}}
+  if m.scan_layers:
+    params = stack_layers(params, m.num_layers)
   return _float32_on_host(params)
 
 

@@ -119,14 +119,23 @@ def close_stderr() -> None:
       pass
 
 
-# The fatal report's first line; the processes' other error lines of that moment (a failed
-# preemption barrier, a save cut short) come from the same loss, just before or after it.
+# The first lines of the two fatal reports of a lost peer: JAX's distributed service's, and
+# gloo's when a collective breaks off (its C++ exception aborts the process). Other error lines
+# of that moment (a failed preemption barrier, a save cut short) come from the same loss, just
+# before or after it.
 _FATAL = b"Terminating process because the JAX distributed service detected fatal errors"
+_GLOO_FATAL = b"terminate called after throwing an instance of 'gloo::"
 _HOLD_SECONDS = 1.0  # how long a line waits, in case such a report follows it
 
 
 def _one_line(report: bytes, heartbeat_timeout: str, init_timeout: str, coordinator: str) -> str:
-  """What the distributed service's fatal `report` means, in one line."""
+  """What the distributed service's (or gloo's) fatal `report` means, in one line."""
+  if _GLOO_FATAL in report and _FATAL not in report:
+    what = re.search(rb"what\(\):\s*(?:\[[^\]]*\]\s*)?([^\n]*)", report)
+    reason = what[1].decode(errors="replace").strip() if what else "gloo aborted"
+    return ("error: a collective with another process of this run broke off (gloo: "
+            f"{reason[:120]}): that process probably died; this one stops too. Complete "
+            "checkpoints are kept: rerun every process to resume.")
   if (b"CoordinationService/RegisterTask" in report or
       (b"CoordinationService/Barrier" in report and b"heartbeat" not in report)):
     return (f"error: cannot join the run's processes through {coordinator} within "
@@ -154,7 +163,7 @@ def main(*settings: str) -> None:
     partial = lines.pop()
     now = time.monotonic()
     held += [(now, line + b"\n") for line in lines]
-    if any(_FATAL in line for line in lines):  # the process is about to abort: read to the end
+    if any(_FATAL in line or _GLOO_FATAL in line for line in lines):  # about to abort
       dropped = b"".join(line for _, line in held) + partial
       while chunk := os.read(source, 1 << 20):
         dropped += chunk

@@ -12,6 +12,7 @@ import re
 import sys
 import traceback
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -118,9 +119,14 @@ def main(argv) -> None:
           distributed.DistributedError, files.DirectoryError, files.LockedError,
           train.NonFiniteError) as e:
     _fail(f"error: {e}", several=given is not None)
-  except Exception:
+  except Exception as e:
     if given is None:
       raise
+    reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    if isinstance(e, jax.errors.JaxRuntimeError) and ("Gloo" in reason or "onnection" in reason):
+      _fail(f"error: a collective with another process of this run broke off ({reason}): that "
+            "process probably died; this one stops too. Complete checkpoints are kept: rerun "
+            "every process to resume.", several=True)
     traceback.print_exc()
     _fail("", several=True)
 

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from jax.sharding import Mesh
 
@@ -66,14 +67,23 @@ class Mixtral(nn.Module):
     x = sharding.constrain(x, ("batch", "length", "act_embed"), self.mesh)
 
     # `deterministic` (argument 5, counting the module) is a Python bool: static under remat.
-    block = nn.remat(DecoderBlock, static_argnums=(5,)) if cfg.remat else DecoderBlock
-    layer_stats = []
-    for i in range(cfg.num_layers):
-      x, stats = block(cfg, self.mesh, name=f"layer_{i}")(x, positions, segment_ids, token_mask,
-                                               deterministic)
-      layer_stats.append(stats)
+    block = (nn.remat(DecoderBlock, static_argnums=(5,), prevent_cse=not cfg.scan_layers)
+             if cfg.remat else DecoderBlock)
+    if cfg.scan_layers:  # one traced block; parameters stacked on a leading [L] "layers" axis
+      layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
+                                                                      "jitter": True},
+                       in_axes=(nn.broadcast,) * 4, length=cfg.num_layers,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
+      x, stacked = layers(cfg, self.mesh, name="layers")(x, positions, segment_ids, token_mask,
+                                                         deterministic)
+    else:
+      layer_stats = []
+      for i in range(cfg.num_layers):
+        x, stats = block(cfg, self.mesh, name=f"layer_{i}")(x, positions, segment_ids,
+                                                            token_mask, deterministic)
+        layer_stats.append(stats)
+      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layer_stats)
     x = RMSNorm(cfg.rms_norm_eps, dtype, name="final_norm")(x)
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layer_stats)
     if return_hidden:
       return x, MoEStats(*stacked)
     logits = nn.DenseGeneral(
@@ -81,6 +91,26 @@ class Mixtral(nn.Module):
         kernel_init=nn.with_logical_partitioning(kernel_init, ("embed", "vocab")),
         name="lm_head")(x)
     return logits.astype(jnp.float32), MoEStats(*stacked)
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+  """Unrolled parameters (`layer_0` … `layer_{L-1}`) → the `scan_layers` layout (`layers`, each
+  leaf [L, …])."""
+  blocks = [params[f"layer_{i}"] for i in range(num_layers)]
+  rest = {k: v for k, v in params.items() if not k.startswith("layer_")}
+  # Host (numpy) arrays stay on the host, e.g. an HF import's.
+  stack = lambda *xs: np.stack(xs) if isinstance(xs[0], np.ndarray) else jnp.stack(xs)
+  return {**rest, "layers": jax.tree.map(stack, *blocks)}
+
+
+def unstack_layers(params: dict) -> dict:
+  """The `scan_layers` layout → unrolled parameters (unchanged if already unrolled)."""
+  if "layers" not in params:
+    return params
+  rest = {k: v for k, v in params.items() if k != "layers"}
+  num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+  return {**rest, **{f"layer_{i}": jax.tree.map(lambda x: x[i], params["layers"])
+                     for i in range(num_layers)}}
 
 
 def count_params(params, model_config) -> tuple[int, int]:

@@ -34,6 +34,7 @@ LOGICAL_AXIS_RULES = (
     ("exp", "expert"),
     ("exp_router", None),
     ("norm", None),
+    ("layers", None),  # the stacked axis of scan_layers' parameters
 )
 
 

@@ -86,3 +86,13 @@ def test_slice_names_map_to_topologies_and_chips():
   assert compile_lib.TOPOLOGIES["v6e-64"] == compile_lib.Topology("v6e:8x8", 64, 32)
   assert len(compile_lib.topology_devices("v5p-8")) == 4
   assert len(compile_lib.topology_devices("v6e-8")) == 8
+
+
+def test_scanned_layers_compile_as_one_block():
+  config = _default_config("dropless", "padded")
+  config.model.update(num_layers=4, scan_layers=True)
+  report = compile_lib.report(config, "v5p-8")
+  assert report["fits"] and report["scanned"]
+  # One decoder block in the program, run 4 times: one layer's five exchanges.
+  assert report["collectives"]["all-to-all"]["count"] == 5
+  assert 4.0 <= report["moe_all_to_all_ratio"] < 4.2

@@ -110,3 +110,14 @@ def test_the_filter_names_an_unreachable_coordinator():
       "error: cannot join the run's processes through 10.0.0.1:1234 within "
       "--distributed_init_timeout=30 s: is every process started, with the same "
       "--num_processes, and is the coordinator reachable from here?"]
+
+
+def test_the_filter_turns_gloos_abort_into_one_line():
+  report = (b"terminate called after throwing an instance of 'gloo::EnforceNotMet'\n"
+            b"  what():  [enforce fail at external/gloo/gloo/transport/tcp/pair.cc:459] "
+            b"op.preamble.length <= op.nbytes. 2560 vs 4.\nFatal Python error: Aborted\n\n"
+            b"Thread 0x00007fae1cff96c0 (most recent call first):\n")
+  assert _filtered(report).splitlines() == [
+      "error: a collective with another process of this run broke off (gloo: "
+      "op.preamble.length <= op.nbytes. 2560 vs 4.): that process probably died; this one "
+      "stops too. Complete checkpoints are kept: rerun every process to resume."]

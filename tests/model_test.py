@@ -1,5 +1,7 @@
 """Model: causality, sliding window, packed documents, parameter counts, bf16, remat."""
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,9 +9,11 @@ import numpy as np
 import pytest
 
 from configs import default, mixtral_8x7b
+from mixtral_jax import build as build_lib
 from mixtral_jax import config as config_lib
 from mixtral_jax import packing
-from mixtral_jax.model import Mixtral, count_params
+from mixtral_jax.convert import export_hf
+from mixtral_jax.model import Mixtral, count_params, stack_layers, unstack_layers
 
 
 def tiny_model_config(**overrides):
@@ -124,3 +128,44 @@ def test_query_blocked_attention_equals_one_block():
   lb, gb = jax.jit(jax.value_and_grad(loss(blocked)))(params)
   np.testing.assert_allclose(lb, l1, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), gb, g1)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scan_layers_gives_the_unrolled_loss_gradients_and_hf_export(tmp_path, remat):
+  tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 16), 0, 97)
+  unrolled = tiny_model_config(remat=remat)
+  scanned = tiny_model_config(remat=remat, scan_layers=True)
+  model, params = init(unrolled, tokens)
+  scan_model = Mixtral(config_lib.model_config(scanned, "cpu"))
+  fresh = nn.unbox(scan_model.init(jax.random.PRNGKey(0), tokens))["params"]
+  stacked = stack_layers(params, unrolled.num_layers)
+  assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, stacked)
+
+  def loss(apply, p):
+    logits, stats = apply({"params": p}, tokens[:, :-1])
+    log_probs = jax.nn.log_softmax(logits)
+    ce = -jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1).mean()
+    return ce + stats.aux_loss.mean() + stats.z_loss.mean()
+
+  loss_u, grads_u = jax.jit(jax.value_and_grad(lambda p: loss(model.apply, p)))(params)
+  loss_s, grads_s = jax.jit(jax.value_and_grad(lambda p: loss(scan_model.apply, p)))(stacked)
+  np.testing.assert_allclose(loss_s, loss_u, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               unstack_layers(grads_s), grads_u)
+  export_hf(jax.device_get(stacked), scanned, str(tmp_path / "scanned"))
+  export_hf(jax.device_get(params), unrolled, str(tmp_path / "unrolled"))
+  names = sorted(os.listdir(tmp_path / "unrolled"))
+  assert names == sorted(os.listdir(tmp_path / "scanned")) and names
+  for name in names:
+    assert (tmp_path / "scanned" / name).read_bytes() == (tmp_path / "unrolled" / name).read_bytes()
+
+
+def test_scanned_parameters_keep_their_shardings_behind_the_layers_axis():
+  config = default.get_config()
+  config.model.update(tiny_model_config(scan_layers=True, num_experts=8))
+  config.update(global_batch_size=8, seq_len=16)
+  config.mesh.update(data=2, expert=4)
+  setup = build_lib.build(config, abstract=True)
+  experts = setup.abstract_state.params["layers"]["moe"]["experts"]
+  assert experts["gate_up"].sharding.spec[:2] == (None, "expert")  # [L, E, …]
+  assert experts["gate_up"].shape[:2] == (config.model.num_layers, 8)

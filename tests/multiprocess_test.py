@@ -150,8 +150,10 @@ def test_a_killed_process_stops_the_others_in_one_line_and_the_rerun_resumes(
   assert "process 1 exited with code 137 first" in stderr.splitlines()[-1]
   log = _log(run, 0)
   errors = [line for line in log.splitlines() if "error" in line.lower()]
-  assert errors == [next(line for line in errors if line.startswith("error: process 1 of this "
-                                                                       "run stopped"))], errors
+  # JAX's service names the lost process; gloo, when a collective breaks off first, cannot.
+  assert len(errors) == 1 and re.match(r"error: (process 1 of this run stopped|a collective "
+                                       r"with another process of this run broke off)",
+                                       errors[0]), log[-4000:]
   for noise in ("Traceback", "Check failure", "Fatal Python error", "coordination_service"):
     assert noise not in log
   last = _complete_checkpoints(run)[-1]
