@@ -16,14 +16,15 @@ def test_abstract_build_of_mixtral_8x7b_allocates_nothing():
   before = len(jax.live_arrays())
   setup = build.build(config, abstract=True)
   assert setup.state is None and len(jax.live_arrays()) == before
-  experts = setup.abstract_state.params["layer_0"]["moe"]["experts"]
-  assert experts["gate_up"].shape == (8, 4096, 2, 14336)
-  assert experts["gate_up"].sharding.spec == P("expert", "fsdp", None, "tensor")
+  # Scanned: the 32 layers' parameters stacked on a leading, unsharded axis.
+  experts = setup.abstract_state.params["layers"]["moe"]["experts"]
+  assert experts["gate_up"].shape == (32, 8, 4096, 2, 14336)
+  assert experts["gate_up"].sharding.spec == P(None, "expert", "fsdp", None, "tensor")
   # AdamW moments are sharded like their parameters.
   moments = [s for s in jax.tree.leaves(setup.abstract_state.opt_state,
                                         is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")]
-  assert moments[0].mu["layer_0"]["moe"]["experts"]["down"].sharding.spec == P(
-      "expert", "tensor", "fsdp")
+  assert moments[0].mu["layers"]["moe"]["experts"]["down"].sharding.spec == P(
+      None, "expert", "tensor", "fsdp")
   assert setup.abstract_batch()["inputs"].sharding.spec == P(("data", "fsdp", "expert"), None)
   assert setup.model.config.grouped_matmul == "blocked"  # "auto", resolved for CPU at build
 
