@@ -277,24 +277,20 @@ class Layout:
 
   def __init__(self, batch_sharding: jax.sharding.Sharding, global_batch_size: int):
     self.sharding, self.global_batch_size = batch_sharding, global_batch_size
-    self._slices = {device: index[0] for device, index in
-                    batch_sharding.addressable_devices_indices_map((global_batch_size,)).items()}
-    self.rows = sorted({r for rows in self._slices.values()
-                        for r in range(*rows.indices(global_batch_size))})
+    ranges = {device: range(*index[0].indices(global_batch_size)) for device, index in
+              batch_sharding.addressable_devices_indices_map((global_batch_size,)).items()}
+    self.rows = sorted({row for rows in ranges.values() for row in rows})
+    where = {row: i for i, row in enumerate(self.rows)}
+    # Each device's rows, as a slice of the local batch (a device's rows are contiguous).
+    self._pieces = [(device, slice(where[rows[0]], where[rows[0]] + len(rows)))
+                    for device, rows in ranges.items()]
 
   def global_batch(self, local_batch: Batch) -> dict[str, jax.Array]:
     """This process's `rows` of a batch → global arrays on the batch sharding."""
-    where = {row: i for i, row in enumerate(self.rows)}
-    batch = {}
-    for key, value in local_batch.items():
-      shape = (self.global_batch_size,) + value.shape[1:]
-      pieces = []
-      for device, rows in self._slices.items():
-        first, last, _ = rows.indices(self.global_batch_size)
-        start = where[first]
-        pieces.append(jax.device_put(value[start:start + last - first], device))
-      batch[key] = jax.make_array_from_single_device_arrays(shape, self.sharding, pieces)
-    return batch
+    return {key: jax.make_array_from_single_device_arrays(
+                (self.global_batch_size,) + value.shape[1:], self.sharding,
+                [jax.device_put(value[rows], device) for device, rows in self._pieces])
+            for key, value in local_batch.items()}
 
 
 def make_process_data(config: ml_collections.ConfigDict, layout: Layout) -> LMData:

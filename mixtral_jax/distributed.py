@@ -27,6 +27,10 @@ _ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_
 _filter: Optional[subprocess.Popen] = None  # the stderr filter, once started
 
 
+# How every lost-peer line ends.
+LOST_PEER = "Complete checkpoints are kept: rerun every process to resume."
+
+
 class DistributedError(RuntimeError):
   """The distributed settings are wrong, or the run's processes could not connect."""
 
@@ -54,11 +58,11 @@ def settings(mode: str, coordinator_address: Optional[str], num_processes: Optio
         given[name] = value if name == "coordinator_address" else int(value)
       except ValueError:
         raise DistributedError(f"{variable}={value}: not an integer") from None
-  explicit = {k: v for k, v in given.items() if v is not None}
-  if mode == "no" or (mode == "auto" and not explicit and not _launched_as_several()):
+  missing = [f"--{k}" for k, v in given.items() if v is None]
+  detected = mode == "yes" or _launched_as_several()  # JAX finds what is not given
+  if mode == "no" or (len(missing) == 3 and not detected):
     return None
-  if explicit and len(explicit) < 3 and mode == "auto" and not _launched_as_several():
-    missing = [f"--{k}" for k in given if k not in explicit]
+  if missing and not detected:
     raise DistributedError(f"{' and '.join(missing)} must be given too (or JAX_* variables)")
   address, count, index = given.values()
   if address is not None and not re.fullmatch(r"\S+:\d+", address):
@@ -134,8 +138,7 @@ def _one_line(report: bytes, heartbeat_timeout: str, init_timeout: str, coordina
     what = re.search(rb"what\(\):\s*(?:\[[^\]]*\]\s*)?([^\n]*)", report)
     reason = what[1].decode(errors="replace").strip() if what else "gloo aborted"
     return ("error: a collective with another process of this run broke off (gloo: "
-            f"{reason[:120]}): that process probably died; this one stops too. Complete "
-            "checkpoints are kept: rerun every process to resume.")
+            f"{reason[:120]}): that process probably died; this one stops too. {LOST_PEER}")
   if (b"CoordinationService/RegisterTask" in report or
       (b"CoordinationService/Barrier" in report and b"heartbeat" not in report)):
     return (f"error: cannot join the run's processes through {coordinator} within "
@@ -144,8 +147,7 @@ def _one_line(report: bytes, heartbeat_timeout: str, init_timeout: str, coordina
   lost = re.search(rb"stopped sending heartbeats\):\s*([\d, ]+)", report)
   who = f"process {lost[1].decode().strip()}" if lost else "another process (or the coordinator)"
   return (f"error: {who} of this run stopped (died, or no heartbeat for "
-          f"--heartbeat_timeout={heartbeat_timeout} s); this process stops too. Complete "
-          "checkpoints are kept: rerun every process to resume.")
+          f"--heartbeat_timeout={heartbeat_timeout} s); this process stops too. {LOST_PEER}")
 
 
 def main(*settings: str) -> None:

@@ -125,8 +125,7 @@ def main(argv) -> None:
     reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
     if isinstance(e, jax.errors.JaxRuntimeError) and ("Gloo" in reason or "onnection" in reason):
       _fail(f"error: a collective with another process of this run broke off ({reason}): that "
-            "process probably died; this one stops too. Complete checkpoints are kept: rerun "
-            "every process to resume.", several=True)
+            f"process probably died; this one stops too. {distributed.LOST_PEER}", several=True)
     traceback.print_exc()
     _fail("", several=True)
 
