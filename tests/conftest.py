@@ -118,10 +118,13 @@ def launch_command(train_flags):
   return make
 
 
-def tree_digest(path) -> dict[str, int]:
-  """{relative path: hash of contents} of every file under `path`."""
+def tree_digest(path, skip=()) -> dict[str, int]:
+  """{relative path: hash of contents} of every file under `path`, but for the top-level
+  entries named in `skip` (e.g. the checkpoints a running training is still writing)."""
   digest = {}
-  for root, _, names in os.walk(path):
+  for root, dirs, names in os.walk(path):
+    if root == str(path):
+      dirs[:] = [d for d in dirs if d not in skip]
     for name in names:
       full = os.path.join(root, name)
       with open(full, "rb") as f:

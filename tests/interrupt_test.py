@@ -62,7 +62,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused_and_a_dead_ones_lock_is_not(
   workdir = str(tmp_path / "run")
   args, env = train_command(workdir, 5000)
   first = _start(args, env, repo, "step 3/")
-  before = {k: v for k, v in digest(workdir).items() if not k.startswith("checkpoints")}
+  before = digest(workdir, skip=("checkpoints",))
   # Another learning rate: had it got past the lock, its config.json would differ.
   args, env = train_command(workdir, 5000, "--config.learning_rate=0.01")
   second = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
@@ -70,7 +70,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused_and_a_dead_ones_lock_is_not(
   assert second.stderr.strip().splitlines()[-1] == (
       f"error: {workdir} is in use by another run (pid {first.pid}); wait for it to end or "
       f"choose another workdir")
-  after = {k: v for k, v in digest(workdir).items() if not k.startswith("checkpoints")}
+  after = digest(workdir, skip=("checkpoints",))
   assert {k: v for k, v in after.items() if k != "metrics.jsonl"} == {
       k: v for k, v in before.items() if k != "metrics.jsonl"}  # config, tokenizer: the first's
   first.kill()  # SIGKILL: its lock file stays behind, its lock does not
