@@ -9,6 +9,7 @@ import numpy as np
 
 from configs import default
 from mixtral_jax import build
+from mixtral_jax import config as config_lib
 
 # Side of the square float32 matmul whose speed is taken as the machine's peak.
 PEAK_SIZE = 2048
@@ -111,7 +112,7 @@ def matmul_floor(config):
   writes its own output, so nothing is fused away. Timing it gives the step time (and MFU
   ceiling) our step would reach if everything besides matmuls took no time.
   """
-  m = config.model
+  m = config_lib.model_config(config.model, "cpu")
   batch, length, d = config.global_batch_size, config.seq_len, m.hidden_size
   tokens, hd, kv = batch * length, m.head_dim, m.num_kv_heads
   groups, e, inter = m.num_heads // kv, m.num_experts, m.intermediate_size

@@ -95,14 +95,18 @@ def get_config() -> ml_collections.ConfigDict:
   model.rms_norm_eps = 1e-5
   # Attend to at most this many previous tokens, the current included (0 = full causal).
   model.sliding_window = 0
-  # Score queries in blocks of this many against only the keys they can see (0 = one block);
-  # skips most of the masked-out score work.
+  # Attention kernel: "blocked" (XLA, queries in blocks; CPU), "splash" (Pallas TPU kernel),
+  # "dot_product" (jax.nn.dot_product_attention, cuDNN on GPU) or "auto" (that order by backend).
+  model.attention = "auto"
+  # For attention="blocked": score queries in blocks of this many against only the keys they can
+  # see (0 = one block); skips most of the masked-out score work.
   model.attention_query_chunk = 64
   # Compute dtype of activations and matmuls ("float32" or "bfloat16"); params stay float32.
   model.dtype = "float32"
-  # Training loss applies the LM head to chunks of about this many tokens (all rows, a slice of
-  # positions), never holding the [B, T, vocab] logits (0 = full logits).
-  model.loss_chunk_tokens = 512
+  # Training loss applies the LM head to chunks of about this many tokens per device (its rows,
+  # a slice of positions), never holding the [B, T, vocab] logits (0 = full logits; -1 = auto:
+  # 512 on CPU, on accelerators as many as keep a chunk's logits within 256 MiB).
+  model.loss_chunk_tokens = -1
   # Rematerialise each decoder block in the backward pass to save activation memory.
   model.remat = False
   # The decoder stack as one scanned block (parameters stacked on a layers axis): compile time

@@ -1,11 +1,25 @@
-"""Causal grouped-query attention with RoPE, optional sliding window and packed-segment masking."""
+"""Causal grouped-query attention with RoPE, optional sliding window and packed-segment masking.
+
+Three implementations of one mask (`model.attention`; "auto" picks per backend, see
+config.model_config): the query-blocked XLA attention below (CPU), Pallas splash attention
+(TPU; Pallas interpret mode on CPU, for tests) and `jax.nn.dot_product_attention` (GPU, cuDNN's
+fused kernel for half-precision inputs).
+"""
+
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import Mesh
 
+from mixtral_jax import sharding
 from mixtral_jax.layers import apply_rope, kernel_init
+
+# Splash block sizes tried in order; the sequence is padded to a multiple of the smallest.
+_SPLASH_BLOCKS = (512, 256, 128)
 
 
 def attention_mask(positions_q, positions_k, segment_q, segment_k, sliding_window: int):
@@ -44,12 +58,75 @@ def causal_attention(q, k, v, segment_ids, sliding_window: int = 0, query_chunk:
   return jnp.concatenate(outputs, axis=1)
 
 
+def _splash_kernel(heads: int, length: int, sliding_window: int, interpret: bool):
+  """The splash kernel for one sequence: q [heads, length, H], k, v [kv heads, length, H]."""
+  block = next(b for b in _SPLASH_BLOCKS if length % b == 0)
+  shape = (length, length)
+  # A left window of w - 1 with no right side is causal and sees w keys, the query's included.
+  mask = (splash.LocalMask(shape, (sliding_window - 1, 0), offset=0) if sliding_window > 0
+          else splash.CausalMask(shape))
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                            block_q_dq=block, block_kv_dq=block)
+  return splash.make_splash_mha(splash.MultiHeadMask([mask] * heads), block_sizes=sizes,
+                                head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def splash_attention(q, k, v, segment_ids, sliding_window: int = 0,
+                     mesh: Optional[Mesh] = None, interpret: bool = False):
+  """causal_attention's result from the Pallas TPU splash kernel (`interpret` runs it on CPU).
+
+  The kernel skips blocks the mask leaves empty. With `mesh` it runs per device in shard_map
+  (rows over the batch axes, heads over `tensor`), as XLA cannot partition a Pallas call.
+  """
+  batch, length, kv_heads, groups, head_dim = q.shape
+  q = q.reshape(batch, length, kv_heads * groups, head_dim)  # [B, T, N, H]
+  pad = -length % _SPLASH_BLOCKS[-1]
+  if pad:  # padding is its own segment (-1; real ids are >= 0), so no real token sees it
+    pad_length = lambda x, value: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2),
+                                          constant_values=value)
+    q, k, v = (pad_length(x, 0) for x in (q, k, v))
+    segment_ids = pad_length(segment_ids, -1)
+
+  def per_device(q, k, v, segment_ids):  # [b, T, n, H], [b, T]
+    kernel = _splash_kernel(q.shape[2], q.shape[1], sliding_window, interpret)
+    one_row = lambda q, k, v, s: kernel(q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1),
+                                        segment_ids=splash.SegmentIds(s, s)).swapaxes(0, 1)
+    return jax.vmap(one_row)(q, k, v, segment_ids)
+
+  if mesh is not None:
+    heads = sharding.logical_to_spec(("batch", "length", "heads", "kv"))
+    rows = sharding.logical_to_spec(("batch", "length"))
+    # check_vma off: a Pallas call's outputs carry no varying-axes type.
+    per_device = jax.shard_map(per_device, mesh=mesh, in_specs=(heads, heads, heads, rows),
+                               out_specs=heads, check_vma=False)
+  out = per_device(q, k, v, segment_ids)[:, :length]
+  return out.reshape(batch, length, kv_heads, groups, head_dim)
+
+
+def dot_product_attention(q, k, v, segment_ids, sliding_window: int = 0,
+                          implementation: Optional[str] = None):
+  """causal_attention's result from `jax.nn.dot_product_attention` ("cudnn": the fused kernel)."""
+  batch, length, kv_heads, groups, head_dim = q.shape
+  same_segment = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
+  out = jax.nn.dot_product_attention(
+      q.reshape(batch, length, kv_heads * groups, head_dim), k, v, mask=same_segment, scale=1.0,
+      is_causal=True, local_window_size=(sliding_window - 1, 0) if sliding_window > 0 else None,
+      implementation=implementation)
+  return out.reshape(q.shape)
+
+
+def _platform(mesh: Optional[Mesh]) -> str:
+  return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
 class Attention(nn.Module):
   """GQA: `num_heads` query heads share `num_kv_heads` key/value heads in equal groups.
 
-  `config` is the model config (see config.model_config).
+  `config` is the model config (see config.model_config); `mesh` as in model.Mixtral.
   """
   config: ml_collections.FrozenConfigDict
+  mesh: Optional[Mesh] = None
 
   def _proj(self, x, heads: int, name: str):
     return nn.DenseGeneral(
@@ -68,7 +145,17 @@ class Attention(nn.Module):
     v = self._proj(x, cfg.num_kv_heads, "v_proj")  # [B, T, K, H]
     q = q.reshape(batch, length, cfg.num_kv_heads, groups, cfg.head_dim)  # [B, T, K, G, H]
     q = q * jnp.asarray(cfg.head_dim ** -0.5, q.dtype)
-    out = causal_attention(q, k, v, segment_ids, cfg.sliding_window, cfg.attention_query_chunk)
+    platform = _platform(self.mesh)
+    if cfg.attention == "splash":
+      out = splash_attention(q, k, v, segment_ids, cfg.sliding_window, self.mesh,
+                             interpret=platform == "cpu")
+    elif cfg.attention == "dot_product":
+      # cuDNN's fused attention takes half precision only; XLA's otherwise.
+      fused = platform == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+      out = dot_product_attention(q, k, v, segment_ids, cfg.sliding_window,
+                                  "cudnn" if fused else None)
+    else:
+      out = causal_attention(q, k, v, segment_ids, cfg.sliding_window, cfg.attention_query_chunk)
     out = out.reshape(batch, length, cfg.num_heads, cfg.head_dim)
     return nn.DenseGeneral(
         x.shape[-1], axis=(-2, -1), use_bias=False, dtype=jnp.dtype(cfg.dtype),

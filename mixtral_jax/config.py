@@ -10,6 +10,13 @@ DISPATCH_MODES = ("dropless", "capacity")
 GROUPED_MATMULS = ("auto", "blocked", "ragged_dot")
 DTYPES = ("float32", "bfloat16")
 ALL_TO_ALLS = ("padded", "ragged")
+ATTENTIONS = ("auto", "blocked", "splash", "dot_product")
+# Per backend, "auto" resolves to these (model_config).
+_AUTO_ATTENTION = {"cpu": "blocked", "tpu": "splash", "gpu": "dot_product"}
+# On CPU, chunks of 512 tokens measured fastest (benchmarks/README.md); on accelerators a chunk
+# holds at most this many float32 logits per device (256 MiB): big matmuls, bounded memory.
+_CPU_LOSS_CHUNK_TOKENS = 512
+_ACCELERATOR_LOSS_CHUNK_LOGITS = 2 ** 26
 DATA_SOURCES = ("stdlib", "files", "tfds")
 # The mesh's axes, in order (mixtral_jax.sharding builds it; this module only checks sizes).
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -45,6 +52,8 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
            f"unknown all_to_all {model.all_to_all!r}; expected one of {list(ALL_TO_ALLS)}")
   _require(model.all_to_all == "padded" or model.dispatch == "dropless", "model.all_to_all",
            "'ragged' applies to dispatch='dropless' (capacity buffers are always full-size)")
+  _require(model.attention in ATTENTIONS, "model.attention",
+           f"unknown attention {model.attention!r}; expected one of {list(ATTENTIONS)}")
   _require(model.dtype in DTYPES, "model.dtype",
            f"unknown dtype {model.dtype!r}; expected one of {list(DTYPES)}")
   _require(model.capacity_factor > 0, "model.capacity_factor",
@@ -52,9 +61,10 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
   _require(isinstance(model.attention_query_chunk, int) and model.attention_query_chunk >= 0,
            "model.attention_query_chunk",
            f"must be a non-negative integer (0 = unblocked), got {model.attention_query_chunk!r}")
-  _require(isinstance(model.loss_chunk_tokens, int) and model.loss_chunk_tokens >= 0,
+  _require(isinstance(model.loss_chunk_tokens, int) and model.loss_chunk_tokens >= -1,
            "model.loss_chunk_tokens",
-           f"must be a non-negative integer (0 = full logits), got {model.loss_chunk_tokens!r}")
+           f"must be a non-negative integer (0 = full logits) or -1 (auto), "
+           f"got {model.loss_chunk_tokens!r}")
   _require(model.sliding_window >= 0, "model.sliding_window",
            f"must be >= 0 (0 = full causal), got {model.sliding_window}")
   _require(model.rope_theta > 0, "model.rope_theta", f"must be positive, got {model.rope_theta}")
@@ -67,14 +77,23 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
 
 def model_config(model: ml_collections.ConfigDict,
                  platform: str) -> ml_collections.FrozenConfigDict:
-  """The frozen `config.model` the model is built from, with `grouped_matmul="auto"` resolved.
+  """The frozen `config.model` the model is built from, its "auto" choices resolved for
+  `platform` ("cpu", "gpu" or "tpu").
 
-  "auto" picks the blocked loop on CPU, where `ragged_dot` lowers to a masked dense dot, and
-  `ragged_dot` where XLA has a native grouped matmul (`platform` "gpu" or "tpu").
+  grouped_matmul: the blocked loop on CPU, where `ragged_dot` lowers to a masked dense dot, and
+  `ragged_dot` where XLA has a native grouped matmul. attention: see _AUTO_ATTENTION.
+  loss_chunk_tokens (-1): 512 tokens on CPU; elsewhere the largest power of two whose chunk
+  of logits stays within _ACCELERATOR_LOSS_CHUNK_LOGITS.
   """
   resolved = model.copy_and_resolve_references()
   if resolved.grouped_matmul == "auto":
     resolved.grouped_matmul = "blocked" if platform == "cpu" else "ragged_dot"
+  if resolved.attention == "auto":
+    resolved.attention = _AUTO_ATTENTION.get(platform, "blocked")
+  if resolved.loss_chunk_tokens == -1:
+    fit = max(1, _ACCELERATOR_LOSS_CHUNK_LOGITS // resolved.vocab_size)
+    resolved.loss_chunk_tokens = (_CPU_LOSS_CHUNK_TOKENS if platform == "cpu"
+                                  else 2 ** (fit.bit_length() - 1))
   return ml_collections.FrozenConfigDict(resolved)
 
 

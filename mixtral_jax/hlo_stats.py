@@ -1,4 +1,4 @@
-"""Reads collective traffic out of compiled HLO text (for tests and benchmarks)."""
+"""Reads collective traffic and TPU kernels out of compiled HLO text (for tests and benchmarks)."""
 
 import re
 
@@ -45,3 +45,15 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
       kind["elements"] += sum(int(np.prod([int(d) for d in dims.split(",") if d]))
                               for _, dims in shapes)
   return totals
+
+
+_TPU_KERNEL = re.compile(r"%([\w-]+?)(?:\.\d+)? = .*custom_call_target=\"tpu_custom_call\"")
+
+
+def tpu_kernels(hlo_text: str) -> dict[str, int]:
+  """{name: count} of the Pallas/Mosaic kernels in compiled TPU HLO text (XLA names each call
+  after its kernel, e.g. splash_mha_fwd_segmented_residuals)."""
+  kernels = {}
+  for match in _TPU_KERNEL.finditer(hlo_text):
+    kernels[match.group(1)] = kernels.get(match.group(1), 0) + 1
+  return kernels

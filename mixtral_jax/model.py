@@ -26,7 +26,7 @@ class DecoderBlock(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     h = RMSNorm(cfg.rms_norm_eps, dtype, name="input_norm")(x)
-    h = Attention(cfg, name="attention")(h, positions, segment_ids)
+    h = Attention(cfg, self.mesh, name="attention")(h, positions, segment_ids)
     x = x + h
     h = RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_norm")(x)
     h, stats = MoE(cfg, self.mesh, name="moe")(h, token_mask, deterministic)
