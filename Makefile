@@ -22,7 +22,7 @@ $(VENV)/.installed-$(EXTRAS): setup.py
 	touch $@
 
 $(VENV)/.bench-installed: $(VENV)/.installed-dev
-	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(PY) -m pip install -q -e ".[dev,bench,tpu]"
 	touch $@
 
 install: $(VENV)/.installed-$(EXTRAS)
@@ -49,6 +49,7 @@ bench: $(VENV)/.bench-installed
 	$(PY) benchmarks/vs_pytorch.py
 	$(PY) benchmarks/scaling.py
 	$(PY) benchmarks/compile_time.py
+	$(PY) benchmarks/pod_compile.py
 
 clean:
 	rm -rf $(VENV) workdir

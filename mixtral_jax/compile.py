@@ -94,13 +94,15 @@ def _state_bytes(tree) -> int:
 
 def _moe_minimum_elements(config, chips: int) -> float:
   """The fewest values one chip's MoE all-to-alls can move per step: each of its tokens' k slots
-  goes to its expert and back, forward and backward (4 exchanges of D values), every layer.
-  (Counted in values, not bytes: XLA:TPU may send some exchanges in bf16.)"""
+  goes to its expert and back, forward and backward (4 exchanges of D values; 6 with remat,
+  which runs the forward exchanges again), every layer. (Counted in values, not bytes: XLA:TPU
+  may send some exchanges in bf16.)"""
   model = config.model
   tokens_per_chip = config.global_batch_size * config.seq_len / (chips / config.mesh.tensor)
   # Scanned, the compiled program holds one layer's exchanges (run L times).
   layers = 1 if model.scan_layers else model.num_layers
-  return 4 * layers * tokens_per_chip * model.experts_per_token * model.hidden_size
+  exchanges = 6 if model.remat else 4
+  return exchanges * layers * tokens_per_chip * model.experts_per_token * model.hidden_size
 
 
 def _out_of_memory(error: Exception) -> Optional[dict[str, float]]:
@@ -157,6 +159,9 @@ def report(config, topology: str) -> dict[str, Any]:
   result["optimal_seconds"] = seconds if seconds > 0 else None  # negative: no estimate
   text = compiled.as_text()
   result["collectives"] = hlo_stats.collectives(text)
+  result["kernels"] = hlo_stats.tpu_kernels(text)
+  # XLA's FLOP count takes each loop body once; say how many loops the program kept.
+  result["loops"] = len(re.findall(r" while\(", text))
   if setup.mesh.shape["expert"] > 1:  # the ragged exchange: its buffers, sized for the worst case
     exchanged = [result["collectives"].get(kind, {}) for kind in ("all-to-all",
                                                                   "ragged-all-to-all")]
@@ -182,14 +187,17 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"XLA:TPU: {r['out_of_memory']}")
   if "compiled_flops" in r:
     useful = r["model_flops"] + r["recompute_flops"]
-    loops = "the chunked loss, the scanned layers" if r["scanned"] else "the chunked loss"
-    lines.append(f"FLOPs per chip per step: compiled {r['compiled_flops']:.3e} (XLA's static "
-                 f"count: a loop body, e.g. {loops}, counts once), model "
+    loops = (f" (XLA's static count: the bodies of the {r['loops']} loops left, e.g. scanned "
+             f"layers or the chunked loss, count once)" if r["loops"] else "")
+    lines.append(f"FLOPs per chip per step: compiled {r['compiled_flops']:.3e}{loops}, model "
                  f"{r['model_flops']:.3e} + remat recompute {r['recompute_flops']:.3e}: "
                  f"compiled ÷ (model + recompute) = {r['compiled_flops'] / useful:.2f}")
     lines.append("collectives per chip per step (ops as compiled, loop bodies once): " + (
         ", ".join(f"{kind} {c['count']}× {c['bytes'] / 1e6:.1f} MB"
                   for kind, c in r["collectives"].items()) or "none"))
+    if r["kernels"]:
+      lines.append("Pallas kernels: " + ", ".join(f"{name} {count}×"
+                                                  for name, count in r["kernels"].items()))
     if "moe_all_to_all_bytes" in r:
       lines.append(f"MoE all-to-all: {r['moe_all_to_all_bytes'] / 1e6:.1f} MB of buffers, "
                    f"{r['moe_all_to_all_ratio']:.2f} × the values the tokens' k slots need")
@@ -204,6 +212,8 @@ def main(argv=None) -> int:
   """Console-script entry point (`mixtral-compile`)."""
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # nothing runs: the host backend will do
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # off Google Cloud the query can hang
+  # Compile-only devices use no TPU: several compiles (or one beside training) may share libtpu.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from absl import flags
   from ml_collections import config_flags
   argv = sys.argv[1:] if argv is None else argv

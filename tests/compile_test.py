@@ -31,7 +31,15 @@ def test_the_default_step_compiles_for_tpu_with_experts_over_4_chips(dispatch, a
   config = _default_config(dispatch, all_to_all)
   report = compile_lib.report(config, "v5p-8")
   assert report["chips"] == 4 and report["mesh"]["expert"] == 4 and report["fits"]
-  assert config.model.grouped_matmul == "auto"  # resolved for TPU: ragged_dot (see config.py)
+  assert config.model.grouped_matmul == config.model.attention == "auto"  # resolved for TPU:
+  # ragged_dot and splash attention (see config.py): forward and both backward kernels per layer
+  # with remat off; the packed batches' segments make them the segmented variants.
+  splash = {name: count for name, count in report["kernels"].items() if "splash" in name}
+  assert splash == {f"splash_mha_{phase}_segmented_{residuals}": 2
+                    for phase, residuals in (("fwd", "residuals"), ("dq", "no_residuals"),
+                                             ("dkv", "no_residuals"))}
+  # XLA:TPU lowers dropless' ragged_dot to its own grouped-matmul kernels.
+  assert (report["kernels"].get("ragged-dot-none", 0) >= 2) == (dispatch == "dropless")
   for kind, count in per_layer.items():
     assert report["collectives"][kind]["count"] == count * config.model.num_layers
   if all_to_all == "ragged":

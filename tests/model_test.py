@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default, mixtral_8x7b
+from configs import default, mixtral_8x7b, moe_1b
 from mixtral_jax import build as build_lib
 from mixtral_jax import config as config_lib
 from mixtral_jax import packing
@@ -83,14 +83,16 @@ def test_packed_rows_equal_documents_run_alone():
       np.testing.assert_allclose(packed[row][piece], alone[0], atol=1e-5)
 
 
-def test_mixtral_8x7b_parameter_counts():
-  config = mixtral_8x7b.get_config()
+@pytest.mark.parametrize("preset,total_count,active_count", [(mixtral_8x7b, 46.7e9, 12.9e9),
+                                                            (moe_1b, 1.02e9, 0.34e9)])
+def test_preset_parameter_counts(preset, total_count, active_count):
+  config = preset.get_config()
   model = Mixtral(config_lib.model_config(config.model, "cpu"))
   shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0),
                                                       jnp.zeros((1, 1), jnp.int32)))["params"])
   total, active = count_params(shapes, config.model)
-  assert total == pytest.approx(46.7e9, rel=0.01)
-  assert active == pytest.approx(12.9e9, rel=0.01)
+  assert total == pytest.approx(total_count, rel=0.01)
+  assert active == pytest.approx(active_count, rel=0.01)
 
 
 def test_bfloat16_and_remat_agree_with_float32():
