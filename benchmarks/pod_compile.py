@@ -6,12 +6,12 @@ process and reads its `--save`d report:
   expert 4, bf16, remat, scanned layers) in each dispatch: padded and ragged dropless, capacity
   1.0 and 1.25;
 - v6e-256 at MaxText's published Mixtral 8x7B setting: 32 sequences of 1024 tokens per chip,
-  full remat, FSDP over all 256 chips;
-- compile time with and without `scan_layers` at 4 and 32 layers (unrolled: one sequence per
-  chip, as 4 do not fit unrolled);
-- the ~1B MoE preset (configs/moe_1b.py) on v5e-16 and v4-32. The unrolled rows compute
-  the loss from full logits so that no loop is left in the program and XLA's FLOP count (which
-  takes a loop body once) covers the whole step: they give the compiled ÷ model FLOPs.
+  full remat, FSDP over all 256 chips (also at 16 per chip, and as 2 micro-batches of 16);
+- compile time with and without `scan_layers` at 4 and 32 layers. The unrolled rows take one
+  sequence per chip and compute the loss from full logits, so that no loop is left in the
+  program and XLA's FLOP count (which takes a loop body once) covers the whole step: they give
+  the compiled ÷ model FLOPs;
+- the ~1B MoE preset (configs/moe_1b.py) on v5e-16 and v4-32.
 
 Run: `python benchmarks/pod_compile.py [--no-write] [--only NAME …]` (needs the tpu extra).
 """
@@ -47,6 +47,8 @@ CASES = [  # (name, config file, topology, --config overrides)
     ("MaxText setting, dropless", MIXTRAL, "v6e-256", MAXTEXT_V6E),
     ("MaxText setting, 16 per chip", MIXTRAL, "v6e-256",
      MAXTEXT_V6E[:1] + ["--config.global_batch_size=4096"] + MAXTEXT_V6E[2:]),
+    ("MaxText setting, 2 micro-batches", MIXTRAL, "v6e-256",
+     MAXTEXT_V6E + ["--config.grad_accum_steps=2"]),
     ("scan, 4 layers", MIXTRAL, "v5p-128", ["--config.model.num_layers=4"]),
     ("scan, 4 layers, 1 per chip", MIXTRAL, "v5p-128",
      ["--config.model.num_layers=4", "--config.global_batch_size=64"]),

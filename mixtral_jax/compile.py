@@ -126,7 +126,10 @@ def report(config, topology: str) -> dict[str, Any]:
   state = setup.abstract_state
   result = {"topology": topology, "jax_topology": slice_.jax_name, "chips": len(devices),
             "scanned": bool(config.model.scan_layers),
-            "mesh": dict(setup.mesh.shape), "hbm_per_chip": slice_.hbm_gib * GIB,
+            "mesh": dict(setup.mesh.shape),
+            # v4's compile-only devices are its chips' two TensorCores (no megacore), each
+            # with half the chip's HBM; elsewhere a device is a chip.
+            "hbm_per_chip": slice_.hbm_gib * GIB * slice_.chips / len(devices),
             "parameters": _state_bytes(state.params), "optimizer_state": _state_bytes(
                 state.opt_state)}
   start = time.perf_counter()

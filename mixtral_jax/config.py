@@ -188,6 +188,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
     validate_mesh(config, num_devices)
   _require(not (backend == "cpu" and config.model.all_to_all == "ragged"), "model.all_to_all",
            "'ragged' needs a GPU or TPU: XLA:CPU does not implement ragged-all-to-all")
+  _require(not (backend == "gpu" and config.model.attention == "splash"), "model.attention",
+           "'splash' is a TPU kernel (on CPU it runs interpreted); on GPU use 'dot_product'")
 
 
 # Settings a resumed run must share with its checkpoint: they shape the parameters or decide

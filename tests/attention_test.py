@@ -82,3 +82,8 @@ def test_auto_picks_the_kernel_and_the_loss_chunk_per_backend():
   model.update(attention="flash")
   with pytest.raises(config_lib.ConfigError, match="model.attention: unknown attention 'flash'"):
     config_lib.validate_model(model)
+  config = default.get_config()
+  config.model.attention = "splash"
+  config_lib.validate(config, 1, "tpu")
+  with pytest.raises(config_lib.ConfigError, match="'splash' is a TPU kernel"):
+    config_lib.validate(config, 1, "gpu")

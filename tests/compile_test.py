@@ -94,6 +94,7 @@ def test_slice_names_map_to_topologies_and_chips():
   assert compile_lib.TOPOLOGIES["v6e-64"] == compile_lib.Topology("v6e:8x8", 64, 32)
   assert len(compile_lib.topology_devices("v5p-8")) == 4
   assert len(compile_lib.topology_devices("v6e-8")) == 8
+  assert len(compile_lib.topology_devices("v4-8")) == 8  # 4 chips' TensorCores: no megacore
 
 
 def test_scanned_layers_compile_as_one_block():
