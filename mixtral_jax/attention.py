@@ -16,7 +16,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import Mesh
 
 from mixtral_jax import sharding
-from mixtral_jax.layers import apply_rope, kernel_init
+from mixtral_jax.layers import apply_rope, kernel_init, pad_length
 
 # Splash block sizes tried in order; the sequence is padded to a multiple of the smallest.
 _SPLASH_BLOCKS = (512, 256, 128)
@@ -83,10 +83,8 @@ def splash_attention(q, k, v, segment_ids, sliding_window: int = 0,
   q = q.reshape(batch, length, kv_heads * groups, head_dim)  # [B, T, N, H]
   pad = -length % _SPLASH_BLOCKS[-1]
   if pad:  # padding is its own segment (-1; real ids are >= 0), so no real token sees it
-    pad_length = lambda x, value: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2),
-                                          constant_values=value)
-    q, k, v = (pad_length(x, 0) for x in (q, k, v))
-    segment_ids = pad_length(segment_ids, -1)
+    q, k, v = (pad_length(x, pad) for x in (q, k, v))
+    segment_ids = pad_length(segment_ids, pad, -1)
 
   def per_device(q, k, v, segment_ids):  # [b, T, n, H], [b, T]
     kernel = _splash_kernel(q.shape[2], q.shape[1], sliding_window, interpret)

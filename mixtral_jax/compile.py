@@ -163,8 +163,7 @@ def report(config, topology: str) -> dict[str, Any]:
   text = compiled.as_text()
   result["collectives"] = hlo_stats.collectives(text)
   result["kernels"] = hlo_stats.tpu_kernels(text)
-  # XLA's FLOP count takes each loop body once; say how many loops the program kept.
-  result["loops"] = len(re.findall(r" while\(", text))
+  result["loops"] = hlo_stats.while_loops(text)
   if setup.mesh.shape["expert"] > 1:  # the ragged exchange: its buffers, sized for the worst case
     exchanged = [result["collectives"].get(kind, {}) for kind in ("all-to-all",
                                                                   "ragged-all-to-all")]

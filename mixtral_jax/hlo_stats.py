@@ -1,4 +1,5 @@
-"""Reads collective traffic and TPU kernels out of compiled HLO text (for tests and benchmarks)."""
+"""Reads collective traffic, TPU kernels and loops out of compiled HLO text (for tests and
+benchmarks)."""
 
 import re
 
@@ -57,3 +58,8 @@ def tpu_kernels(hlo_text: str) -> dict[str, int]:
   for match in _TPU_KERNEL.finditer(hlo_text):
     kernels[match.group(1)] = kernels.get(match.group(1), 0) + 1
   return kernels
+
+
+def while_loops(hlo_text: str) -> int:
+  """How many while loops compiled HLO text keeps (XLA's FLOP count takes each body once)."""
+  return len(re.findall(r" while\(", hlo_text))

@@ -1,4 +1,4 @@
-"""Small building blocks shared by the decoder: RMSNorm and rotary position embeddings."""
+"""Small building blocks shared by the decoder: RMSNorm, rotary position embeddings, padding."""
 
 import flax.linen as nn
 import jax
@@ -33,3 +33,8 @@ def apply_rope(x, positions, theta: float):
   x2 = x[..., half:].astype(jnp.float32)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x.dtype)
+
+
+def pad_length(x, pad: int, value=0):
+  """x [B, T, …] with `pad` positions of `value` appended to T."""
+  return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)

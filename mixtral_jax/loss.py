@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mixtral_jax.layers import pad_length
+
 
 def cross_entropy(logits, targets, weights):
   """(Σ weighted token losses, Σ weights) so micro-batches can be combined exactly."""
@@ -80,7 +82,6 @@ def chunked_cross_entropy(hidden, kernel, targets, weights, chunk_length: int):
   """
   pad = -hidden.shape[1] % chunk_length
   if pad:
-    pad_length = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    hidden, targets, weights = pad_length(hidden), pad_length(targets), pad_length(weights)
+    hidden, targets, weights = (pad_length(x, pad) for x in (hidden, targets, weights))
   weights = weights.astype(jnp.float32)
   return _chunked_sum(hidden, kernel, targets, weights, chunk_length), jnp.sum(weights)

@@ -85,3 +85,8 @@ def tree_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding of a [B, T] batch: rows split over the batch axes."""
   return named_sharding(mesh, ("batch", "length"))
+
+
+def rows_per_device(mesh: Optional[Mesh], batch_size: int) -> int:
+  """Rows of a [batch_size, T] batch each device holds under batch_sharding (all without a mesh)."""
+  return batch_sharding(mesh).shard_shape((batch_size, 1))[0] if mesh is not None else batch_size

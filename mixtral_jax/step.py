@@ -1,15 +1,12 @@
 """The train state, the loss, and the train and eval steps (unjitted: build.py jits them)."""
 
-import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-
-from jax.sharding import Mesh
 
 from mixtral_jax import loss as loss_lib
 from mixtral_jax import sharding
@@ -51,10 +48,6 @@ def init_state(config: ml_collections.ConfigDict, model: Mixtral,
   return state_from_params(config, params, optimizer)
 
 
-def _batch_shards(mesh: Optional[Mesh]) -> int:
-  return math.prod(mesh.shape[axis] for axis in sharding.BATCH_AXES) if mesh is not None else 1
-
-
 def make_loss_fn(model: Mixtral, model_config: ml_collections.ConfigDict) -> Callable:
   """loss(params, batch, rng) → (total loss, metrics) for one (micro-)batch."""
 
@@ -64,8 +57,8 @@ def make_loss_fn(model: Mixtral, model_config: ml_collections.ConfigDict) -> Cal
                                  return_hidden=bool(model_config.loss_chunk_tokens),
                                  rngs={"jitter": rng})
     if model_config.loss_chunk_tokens:  # outputs: the LM head's input [B, T, D]
-      rows_per_device = batch["inputs"].shape[0] // _batch_shards(model.mesh)
-      chunk_length = max(1, model_config.loss_chunk_tokens // rows_per_device)
+      rows = sharding.rows_per_device(model.mesh, batch["inputs"].shape[0])
+      chunk_length = max(1, model_config.loss_chunk_tokens // rows)
       kernel = params["lm_head"]["kernel"].astype(outputs.dtype)
       ce_sum, weight_sum = loss_lib.chunked_cross_entropy(
           outputs, kernel, batch["targets"], batch["weights"], chunk_length)
