@@ -21,10 +21,6 @@ $(VENV)/.installed-$(EXTRAS): setup.py
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-$(VENV)/.bench-installed: $(VENV)/.installed-dev
-	$(PY) -m pip install -q -e ".[dev,bench,tpu]"
-	touch $@
-
 install: $(VENV)/.installed-$(EXTRAS)
 
 train: install
@@ -40,7 +36,8 @@ test-slow:
 	$(MAKE) install EXTRAS=dev,tpu
 	$(PY) -m pytest -q $(TEST_WORKERS) -m slow tests
 
-bench: $(VENV)/.bench-installed
+bench:
+	$(MAKE) install EXTRAS=dev,tpu
 	$(PY) benchmarks/moe_layer.py
 	$(PY) benchmarks/moe_step.py
 	$(PY) benchmarks/expert_parallel.py
@@ -50,6 +47,7 @@ bench: $(VENV)/.bench-installed
 	$(PY) benchmarks/scaling.py
 	$(PY) benchmarks/compile_time.py
 	$(PY) benchmarks/pod_compile.py
+	$(PY) benchmarks/sweep_overhead.py
 
 clean:
 	rm -rf $(VENV) workdir

@@ -22,6 +22,8 @@ setup(
         "safetensors>=0.4",
         "absl-py>=2.0",
         "numpy>=2.0",
+        "optuna>=5.0",
+        "matplotlib>=3.8",
     ],
     extras_require={
         # torch pinned: this exact CPU wheel is on the project's machines; a bare "torch"
@@ -29,13 +31,12 @@ setup(
         "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=4.46"],
         # TPU VMs (launch/tpu_vm.sh): libtpu.
         "tpu": ["jax[tpu]>=0.10.2"],
-        # `make bench` only: the scaling plots.
-        "bench": ["matplotlib>=3.8"],
     },
     entry_points={
         "console_scripts": ["mixtral-train=mixtral_jax.main:run",
                             "mixtral-convert=mixtral_jax.convert:main",
                             "mixtral-compile=mixtral_jax.compile:main",
+                            "mixtral-sweep=mixtral_jax.sweep_main:run",
                             "mixtral-tokenizer=mixtral_jax.tokenizer:main"],
     },
 )

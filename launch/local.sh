@@ -7,7 +7,8 @@
 #       --config=configs/default.py --workdir=/tmp/run --config.mesh.expert=4
 #
 # Options (before --): --num_processes=N (2), --devices_per_process=D (4), --port=P (a free
-# one), --grace=SECONDS (600: how long stopped processes get to exit before SIGKILL), --dry-run
+# one), --grace=SECONDS (600: how long stopped processes get to exit before SIGKILL), --sweep
+# (run mixtral-sweep instead: a sweep whose every trial spans the processes), --dry-run
 # (print the commands, run nothing). Everything after -- goes to every mixtral-train process;
 # --workdir= is required. Logs: WORKDIR/logs/process_<i>.log (process 0's also on the
 # console); WORKDIR/logs/pids lists "<index> <pid>". If a process exits non-zero the others
@@ -16,7 +17,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-num_processes=2 devices=4 port="" grace=600 dry_run=0
+num_processes=2 devices=4 port="" grace=600 dry_run=0 module=mixtral_jax.main
 
 die() { echo "local.sh: $*" >&2; exit 2; }
 
@@ -26,8 +27,9 @@ while [ $# -gt 0 ]; do
     --devices_per_process=*) devices=${1#*=} ;;
     --port=*) port=${1#*=} ;;
     --grace=*) grace=${1#*=} ;;
+    --sweep) module=mixtral_jax.sweep_main ;;
     --dry-run) dry_run=1 ;;
-    --help|-h) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --help|-h) sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --) shift; break ;;
     *) die "unknown option $1 (mixtral-train flags go after --)" ;;
   esac
@@ -57,7 +59,7 @@ logs="$workdir/logs"
 command_of() {  # sets `command` to the command line of process $1
   command=(env JAX_PLATFORMS=cpu "XLA_FLAGS=$xla_flags"
            "JAX_COORDINATOR_ADDRESS=127.0.0.1:$port" "JAX_NUM_PROCESSES=$num_processes"
-           "JAX_PROCESS_ID=$1" "$python" -u -m mixtral_jax.main "${@:2}")
+           "JAX_PROCESS_ID=$1" "$python" -u -m "$module" "${@:2}")
 }
 
 if [ "$dry_run" = 1 ]; then

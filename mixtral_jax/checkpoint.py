@@ -214,8 +214,10 @@ class Checkpointer:
     try:
       yield
     except Exception as e:
+      # Read from disk: this manager also lists the step whose save just failed.
+      complete = Checkpointer(os.path.dirname(self.directory), read_only=True).latest_step()
       raise CheckpointError(f"saving a checkpoint in {self.directory} failed ({_first_line(e)}); "
-                            f"the last complete checkpoint is step {self.latest_step()}") from None
+                            f"the last complete checkpoint is step {complete}") from None
 
   def check(self) -> None:
     """Raises CheckpointError if an async save in flight has failed; cheap, never waits."""

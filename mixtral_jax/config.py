@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from typing import Any, Optional
 
 import ml_collections
@@ -246,3 +247,21 @@ def check_resume(saved: dict, config: ml_collections.ConfigDict, where: str) -> 
 def json_of(config: ml_collections.ConfigDict) -> dict:
   """The config as the JSON object checkpoints and config.json record."""
   return json.loads(config.to_json_best_effort())
+
+
+# ml_collections raises these while parsing --config flags (overrides) or on first use (the file).
+FLAG_ERRORS = (AttributeError, OSError, SyntaxError, ValueError, TypeError, KeyError)
+
+
+def flag_error(e: Exception, argv: list[str]) -> SystemExit:
+  """One line for a --config file that does not load or a --config.* override naming no field
+  (`e` one of FLAG_ERRORS, `argv` the command line)."""
+  if isinstance(e, AttributeError):  # e.g. --config.learnig_rate
+    text = str(e).replace("\\n", " ")
+    guess = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+    hint = f"; did you mean {guess[1]}?" if guess else ""
+    field = guess[2] if guess else text.strip("'\" ")
+    return SystemExit(f"error: a --config.* flag names {field!r}, which is no config field{hint}")
+  path = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")][-1:] or [""]
+  reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+  return SystemExit(f"error: --config={path[0]}: cannot load it ({reason})")

@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from mixtral_jax import packing
 from mixtral_jax import sources
 from mixtral_jax import tokenizer as tokenizer_lib
-from mixtral_jax.files import write_atomically
+from mixtral_jax.files import DirectoryLock, write_atomically
 
 Batch = dict[str, np.ndarray]
 # Documents sampled (in a fixed order) for the printed unigram-entropy baseline.
@@ -241,7 +241,11 @@ def _get_tokenizer(config: ml_collections.ConfigDict,
     path = os.path.join(os.path.expanduser(config.data.data_dir), "tokenizers",
                         f"{corpus.name}-bpe{vocab_size}.model")
     if not os.path.exists(path):
-      _train_tokenizer(corpus, vocab_size, path)
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      # Runs started together (a sweep's trials) train it once: the others wait, then load it.
+      with DirectoryLock(os.path.dirname(path), ".train.lock"):
+        if not os.path.exists(path):
+          _train_tokenizer(corpus, vocab_size, path)
   try:
     tokenizer = tokenizer_lib.load_tokenizer(path)
   except (OSError, ValueError) as e:

@@ -54,21 +54,22 @@ class LockedError(RuntimeError):
 
 
 class DirectoryLock:
-  """An exclusive lock on a directory: `flock` on DIR/.lock, which holds the owner's pid.
+  """An exclusive lock on a directory: `flock` on DIR/NAME (".lock"), which holds the owner's pid.
 
   The kernel drops the lock when its process exits, however it exits, so a dead run's lock
-  file never blocks the next run. Local file systems only: NFS may not honour `flock`.
+  file never blocks the next run. Locks taken through separate DirectoryLock objects exclude
+  each other within one process too. Local file systems only: NFS may not honour `flock`.
   """
 
-  def __init__(self, directory: str):
-    self.path = os.path.join(directory, ".lock")
+  def __init__(self, directory: str, name: str = ".lock"):
+    self.path = os.path.join(directory, name)
     self._file = None
 
-  def acquire(self) -> None:
-    """Takes the lock, or raises LockedError if a live process holds it."""
+  def acquire(self, wait: bool = False) -> None:
+    """Takes the lock; if a live process holds it, waits for it (`wait`) or raises LockedError."""
     f = open(self.path, "a+")
     try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
       f.seek(0)
       owner = f.read().strip() or "unknown"
@@ -85,3 +86,10 @@ class DirectoryLock:
     if self._file is not None:
       self._file.close()  # closing the file drops the flock
       self._file = None
+
+  def __enter__(self) -> "DirectoryLock":
+    self.acquire(wait=True)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()

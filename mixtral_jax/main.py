@@ -8,7 +8,6 @@
 
 import logging as pylogging
 import os
-import re
 import sys
 import traceback
 
@@ -37,29 +36,12 @@ def _only_our_info(record: pylogging.LogRecord) -> bool:
   return ours or record.levelno >= pylogging.WARNING
 
 
-def _config_error(e: Exception, argv: list[str]) -> SystemExit:
-  """One line for a --config file that does not load or a --config.* override naming no field."""
-  if isinstance(e, AttributeError):  # e.g. --config.learnig_rate
-    text = str(e).replace("\\n", " ")
-    guess = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
-    hint = f"; did you mean {guess[1]}?" if guess else ""
-    field = guess[2] if guess else text.strip("'\" ")
-    return SystemExit(f"error: a --config.* flag names {field!r}, which is no config field{hint}")
-  path = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")][-1:] or [""]
-  reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
-  return SystemExit(f"error: --config={path[0]}: cannot load it ({reason})")
-
-
-# ml_collections raises these while parsing the flags (overrides) or on first use (the file).
-_CONFIG_ERRORS = (AttributeError, OSError, SyntaxError, ValueError, TypeError, KeyError)
-
-
 # Defining the flag parses its default file and applies the command line's --config.* overrides.
 try:
   _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py",
                                             "Training config file.")
-except _CONFIG_ERRORS as error:
-  raise _config_error(error, sys.argv) from None
+except config_lib.FLAG_ERRORS as error:
+  raise config_lib.flag_error(error, sys.argv) from None
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Directory for metrics and checkpoints.")
 _STOP_AT = flags.DEFINE_integer(
     "stop_at_step", None, "End this run after this step, with a checkpoint, as a preemption "
@@ -88,8 +70,8 @@ _SHUTDOWN_TIMEOUT = flags.DEFINE_integer(
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return app.parse_flags_with_usage(argv)
-  except _CONFIG_ERRORS as e:
-    raise _config_error(e, argv) from None
+  except config_lib.FLAG_ERRORS as e:
+    raise config_lib.flag_error(e, argv) from None
 
 
 def main(argv) -> None:
@@ -99,8 +81,8 @@ def main(argv) -> None:
   try:
     config = _CONFIG.value
     reuse_step_memory = config.get("cpu_reuse_step_memory", False)  # a failed load raises here
-  except _CONFIG_ERRORS as e:
-    raise _config_error(e, sys.argv) from None
+  except config_lib.FLAG_ERRORS as e:
+    raise config_lib.flag_error(e, sys.argv) from None
   if reuse_step_memory:  # before JAX creates its CPU client
     cpu_runtime.reuse_step_memory()
   given = None

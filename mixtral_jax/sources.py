@@ -18,13 +18,14 @@ import json
 import os
 import sys
 import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import ml_collections
 import tensorflow_datasets as tfds
 from absl import logging
 
 from mixtral_jax.config import DATA_SOURCES
+from mixtral_jax.files import DirectoryLock
 _STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages"})
 
 
@@ -202,19 +203,30 @@ class Corpus:
   eval: Texts
 
 
-def _prepare(builder: tfds.core.DatasetBuilder) -> None:
-  if not builder.is_prepared():
-    tfds.disable_progress_bar()  # tqdm bars would flood the training logs
-    logging.info("Building the dataset in %s...", builder.data_dir)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+def _prepared(make_builder: Callable[[], tfds.core.DatasetBuilder],
+              data_dir: str) -> tfds.core.DatasetBuilder:
+  """A builder of `make_builder`'s dataset, built unless it was; the build runs under a lock on
+  data_dir, as runs started together (a sweep's trials) would otherwise race to rename the same
+  finished build into place."""
+  builder = make_builder()
+  if builder.is_prepared():
+    return builder
+  os.makedirs(data_dir, exist_ok=True)
+  with DirectoryLock(data_dir, ".prepare.lock"):
+    builder = make_builder()  # reads what another run built while this one waited
+    if not builder.is_prepared():
+      tfds.disable_progress_bar()  # tqdm bars would flood the training logs
+      logging.info("Building the dataset in %s...", builder.data_dir)
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return builder
 
 
 def _files_corpus(data_config, paths: list[str], name: str) -> Corpus:
-  builder = TextFiles(paths=paths, text_key=data_config.text_key,
-                      eval_fraction=data_config.eval_fraction,
-                      data_dir=os.path.expanduser(data_config.data_dir))
-  _prepare(builder)
+  data_dir = os.path.expanduser(data_config.data_dir)
+  builder = _prepared(lambda: TextFiles(paths=paths, text_key=data_config.text_key,
+                                        eval_fraction=data_config.eval_fraction,
+                                        data_dir=data_dir), data_dir)
   return Corpus(f"{name}-{builder.corpus_id}",
                 Texts(builder.as_data_source(split="train"), "text"),
                 Texts(builder.as_data_source(split="eval"), "text"))
