@@ -9,6 +9,9 @@
 #                every worker and unpacks it into --remote_dir.
 #   --code=git   fetches --git_ref (default: this checkout's HEAD commit, which must be pushed)
 #                from --git_url (default: this checkout's origin) into --remote_dir on every worker.
+#   --sweep      runs mixtral-sweep instead (flags after -- are its own): a config sweep whose
+#                every trial trains on the whole slice. Its --workdir must be a file system
+#                every worker mounts (e.g. Filestore over NFS), not gs://.
 #   --dry-run    prints each command (shell-quoted, after "+ ") and runs nothing.
 #
 # Then every worker runs `make install EXTRAS=tpu` and `.venv/bin/mixtral-train --distributed=yes
@@ -63,6 +66,7 @@ parse_args() {
       --git_url=*) git_url=${1#*=} ;;
       --git_ref=*) git_ref=${1#*=} ;;
       --remote_dir=*) remote_dir=${1#*=} ;;
+      --sweep) program=mixtral-sweep ;;
       --dry-run) dry_run=1 ;;
       -h | --help) usage; exit 0 ;;
       --) shift; train_flags=("$@"); return ;;
@@ -79,6 +83,9 @@ check_workdir() {
     case $flag in --workdir=*) workdir=${flag#--workdir=} ;; esac
   done
   [[ -n $workdir ]] || die "no --workdir= among the mixtral-train flags: add --workdir=gs://BUCKET/RUN after --"
+  if [[ $program == mixtral-sweep ]]; then
+    [[ $workdir == /* ]] || die "--sweep: --workdir=$workdir must be an absolute path on a file system every worker mounts (a sweep's locks and study need one; gs:// is not supported)"
+  fi
   [[ $workdir == gs://* || $workdir == /* ]] ||
     warn "--workdir=$workdir is neither gs:// nor absolute: each worker would write its own copy under $remote_dir"
 }
@@ -113,11 +120,11 @@ fetch_checkout() {
 }
 
 run_training() {
-  on_workers "cd $dir && make install EXTRAS=tpu && .venv/bin/mixtral-train --distributed=yes $(quote_words "${train_flags[@]}")"
+  on_workers "cd $dir && make install EXTRAS=tpu && .venv/bin/$program --distributed=yes $(quote_words "${train_flags[@]}")"
 }
 
 main() {
-  name='' zone='' project='' code=copy git_url='' git_ref='' dry_run=0
+  name='' zone='' project='' code=copy git_url='' git_ref='' dry_run=0 program=mixtral-train
   remote_dir='~/mixtral_jax'
   train_flags=()
   repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -190,3 +190,19 @@ def test_gke_jobset_is_an_indexed_tpu_slice_with_rbac_and_a_grace_period():
   assert binding["roleRef"]["name"] == docs["Role"]["metadata"]["name"]
   assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account,
                                   "namespace": docs["ServiceAccount"]["metadata"]["namespace"]}]
+
+
+def test_sweep_runs_mixtral_sweep_on_every_worker_and_wants_a_mounted_workdir():
+  flags = ["--config=configs/sweeps/experts.py", "--workdir=/mnt/shared/sweep"]
+  result = _run("tpu_vm.sh", *TPU, "--sweep", "--dry-run", "--", *flags)
+  assert result.returncode == 0, result.stderr
+  assert _remote(_commands(result.stdout)[-1])[-4:] == [".venv/bin/mixtral-sweep",
+                                                        "--distributed=yes", *flags]
+  result = _run("tpu_vm.sh", *TPU, "--sweep", "--dry-run", "--", "--workdir=gs://bucket/sweep")
+  assert result.returncode == 2 and result.stderr.startswith(
+      "tpu_vm.sh: --sweep: --workdir=gs://bucket/sweep must be an absolute path")
+  result = _run("local.sh", "--sweep", "--num_processes=2", "--dry-run", "--", *flags)
+  assert result.returncode == 0, result.stderr
+  commands = _commands(result.stdout)
+  assert len(commands) == 2 and all(c[c.index("-m") + 1] == "mixtral_jax.sweep_main"
+                                    for c in commands)
