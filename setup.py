@@ -24,11 +24,14 @@ setup(
         "numpy>=2.0",
         "optuna>=5.0",
         "matplotlib>=3.8",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         # torch pinned: this exact CPU wheel is on the project's machines; a bare "torch"
         # would pull a multi-GB CUDA build.
-        "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=4.46"],
+        "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=4.46",
+                # TensorBoard's own event reader, for the tests.
+                "tensorboard>=2.16"],
         # TPU VMs (launch/tpu_vm.sh): libtpu.
         "tpu": ["jax[tpu]>=0.10.2"],
     },
@@ -37,6 +40,7 @@ setup(
                             "mixtral-convert=mixtral_jax.convert:main",
                             "mixtral-compile=mixtral_jax.compile:main",
                             "mixtral-sweep=mixtral_jax.sweep_main:run",
+                            "mixtral-plot=mixtral_jax.plot:main",
                             "mixtral-tokenizer=mixtral_jax.tokenizer:main"],
     },
 )

@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
   # On CPU, keep XLA's per-step scratch memory mapped between steps instead of page-faulting it
   # in every step (mixtral_jax/cpu_runtime.py); applied by mixtral-train at startup.
   config.cpu_reuse_step_memory = True
+  # Capture a jax.profiler trace of steps A to B ("A:B", e.g. "10:12") into WORKDIR/profile
+  # ("" = none); open it in TensorBoard's profile plugin or Perfetto.
+  config.profile_steps = ""
   # Resume even where model, tokenizer or data settings differ from the checkpoint's config
   # (each difference is then logged as a warning instead of refused).
   config.allow_resume_changes = False

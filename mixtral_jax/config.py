@@ -183,6 +183,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
   _require(0 <= config.min_learning_rate_ratio <= 1, "min_learning_rate_ratio",
            f"must be in [0, 1], got {config.min_learning_rate_ratio}")
   _require(config.grad_clip_norm >= 0, "grad_clip_norm", f"must be >= 0, got {config.grad_clip_norm}")
+  profile_range(config)
   validate_model(config.model)
   validate_data(config.data)
   if num_devices is not None:
@@ -191,6 +192,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
            "'ragged' needs a GPU or TPU: XLA:CPU does not implement ragged-all-to-all")
   _require(not (backend == "gpu" and config.model.attention == "splash"), "model.attention",
            "'splash' is a TPU kernel (on CPU it runs interpreted); on GPU use 'dot_product'")
+
+
+def profile_range(config: ml_collections.ConfigDict) -> Optional[tuple[int, int]]:
+  """(first, last) step of config.profile_steps ("A:B"), or None; ConfigError if malformed."""
+  text = config.get("profile_steps", "")
+  if not text:
+    return None
+  match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
+  _require(bool(match), "profile_steps", f"{text!r} is not FIRST:LAST, e.g. '10:12'")
+  first, last = int(match[1]), int(match[2])
+  _require(1 <= first <= last <= config.num_train_steps, "profile_steps",
+           f"{text!r}: need 1 <= {first} <= {last} <= num_train_steps={config.num_train_steps}")
+  return first, last
 
 
 # Settings a resumed run must share with its checkpoint: they shape the parameters or decide
@@ -206,7 +220,7 @@ _RESUME_FIXED = (
 # logs): not worth a warning.
 _RESUME_FREE = ("log_every_steps", "eval_every_steps", "eval_batches", "checkpoint_every_steps",
                 "keep_checkpoints", "max_nan_steps", "cpu_reuse_step_memory",
-                "allow_resume_changes", "data.data_dir", "mesh.")
+                "allow_resume_changes", "profile_steps", "data.data_dir", "mesh.")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:

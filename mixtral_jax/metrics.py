@@ -1,12 +1,16 @@
-"""Training metrics: one JSON object per logged step in metrics.jsonl, and a console progress line."""
+"""Training metrics: one JSON object per logged step in metrics.jsonl, the same values as
+TensorBoard scalars in tensorboard/, and a console progress line."""
 
 import json
 import os
 from typing import Any, Mapping, Optional
 
 import numpy as np
+from tensorboardX import SummaryWriter
 
 from mixtral_jax.files import write_atomically
+
+_PER_LAYER = "_per_layer"
 
 
 def _jsonable(value: Any) -> Any:
@@ -14,8 +18,44 @@ def _jsonable(value: Any) -> Any:
   return value.item() if value.ndim == 0 else value.tolist()
 
 
+def read_records(workdir: str) -> list[dict[str, Any]]:
+  """The records of WORKDIR/metrics.jsonl in order ([] if there is none); a line cut short by a
+  killed process is skipped."""
+  records = []
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      for line in f:
+        try:
+          records.append(json.loads(line))
+        except ValueError:
+          continue
+  except FileNotFoundError:
+    pass
+  return records
+
+
+def scalars(record: Mapping[str, Any]) -> dict[str, float]:
+  """A record's TensorBoard scalars: each number under its name, each per-layer value as
+  `NAME/layer_<l>` (NAME without "_per_layer"), expert load as `expert_load/layer_<l>/expert_<e>`."""
+  tags = {}
+  for name, value in record.items():
+    if name == "step":
+      continue
+    array = np.asarray(value, np.float64)
+    if array.ndim == 0:
+      tags[name] = float(array)
+    elif array.ndim == 1:
+      base = name.removesuffix(_PER_LAYER)
+      tags.update({f"{base}/layer_{l}": float(v) for l, v in enumerate(array)})
+    elif array.ndim == 2:
+      tags.update({f"{name}/layer_{l}/expert_{e}": float(v)
+                   for l, row in enumerate(array) for e, v in enumerate(row)})
+  return tags
+
+
 class MetricsWriter:
-  """Appends `{"step": …, name: value, …}` lines to WORKDIR/metrics.jsonl.
+  """Appends `{"step": …, name: value, …}` lines to WORKDIR/metrics.jsonl and writes the same
+  values (`scalars`) to TensorBoard event files in WORKDIR/tensorboard.
 
   Only an `enabled` writer writes: in a multi-process run the primary process, as the metrics
   are global and the workdir is shared.
@@ -24,6 +64,9 @@ class MetricsWriter:
   def __init__(self, workdir: str, enabled: bool = True):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.enabled = enabled
+    self._board_dir = os.path.join(workdir, "tensorboard")
+    self._board: Optional[SummaryWriter] = None
+    self._purge_step: Optional[int] = None
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -31,12 +74,19 @@ class MetricsWriter:
     record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
+    if self._board is None:
+      # purge_step: TensorBoard drops the events a resumed run logs again.
+      self._board = SummaryWriter(self._board_dir, purge_step=self._purge_step)
+    for tag, value in scalars(record).items():
+      self._board.add_scalar(tag, value, step)
+    self._board.flush()
 
   def truncate(self, last_step: int) -> None:
     """Drops the records after `last_step`, which a run resumed from there logs again (and a
     line cut short by a killed process)."""
     if not self.enabled or not os.path.exists(self.path):
       return
+    self._purge_step = last_step + 1
     kept = []
     with open(self.path) as f:
       for line in f:
@@ -46,6 +96,11 @@ class MetricsWriter:
         except (ValueError, KeyError, TypeError):
           continue
     write_atomically(self.path, "".join(kept).encode())
+
+  def close(self) -> None:
+    if self._board is not None:
+      self._board.close()
+      self._board = None
 
 
 def _duration(seconds: float) -> str:

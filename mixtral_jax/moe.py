@@ -20,6 +20,7 @@ class MoEStats(NamedTuple):
   expert_load: jax.Array  # [E] fraction of token-slots routed to each expert
   mean_probability: jax.Array  # [E] mean router probability of each expert
   dropped_fraction: jax.Array  # [] fraction of slots dropped for lack of capacity
+  router_entropy: jax.Array  # [] mean entropy of the router's distribution over experts (nats)
 
 
 def single_device_moe(tokens, routing: router_lib.Routing, gate_up, down,
@@ -71,5 +72,6 @@ class MoE(nn.Module):
         z_loss=router_lib.z_loss(routing.logits, flat_mask),
         expert_load=router_lib.expert_load(routing.expert_index, cfg.num_experts, flat_mask),
         mean_probability=router_lib.mean_probability(routing, flat_mask),
-        dropped_fraction=dropped)
+        dropped_fraction=dropped,
+        router_entropy=router_lib.mean_entropy(routing.logits, flat_mask))
     return out.reshape(batch, length, hidden).astype(x.dtype), stats

@@ -53,6 +53,13 @@ def load_balancing_loss(routing: Routing, token_mask: Optional[jax.Array] = None
   return num_experts * jnp.sum(tokens_per_expert * mean_probability(routing, token_mask))
 
 
+def mean_entropy(logits, token_mask: Optional[jax.Array] = None):
+  """Mean over tokens of the entropy of softmax(logits), in nats: log E is a router that has
+  not chosen yet, 0 one that is certain."""
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  return _masked_mean(-jnp.sum(jnp.exp(log_p) * log_p, axis=-1), token_mask)
+
+
 def z_loss(logits, token_mask: Optional[jax.Array] = None):
   """ST-MoE router z-loss: mean over tokens of logsumexp(logits)²."""
   return _masked_mean(jax.nn.logsumexp(logits, axis=-1) ** 2, token_mask)

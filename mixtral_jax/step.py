@@ -67,8 +67,12 @@ def make_loss_fn(model: Mixtral, model_config: ml_collections.ConfigDict) -> Cal
     ce = ce_sum / jnp.maximum(weight_sum, 1.0)
     aux, z = jnp.mean(stats.aux_loss), jnp.mean(stats.z_loss)
     loss = ce + model_config.router_aux_loss_coef * aux + model_config.router_z_loss_coef * z
+    # Means over layers, and per layer ([L]; expert_load [L, E]).
     metrics = {"loss": loss, "ce_loss": ce, "aux_loss": aux, "z_loss": z,
                "dropped_fraction": jnp.mean(stats.dropped_fraction),
+               "aux_loss_per_layer": stats.aux_loss, "z_loss_per_layer": stats.z_loss,
+               "dropped_fraction_per_layer": stats.dropped_fraction,
+               "router_entropy_per_layer": stats.router_entropy,
                "expert_load": stats.expert_load}
     return loss, metrics
 

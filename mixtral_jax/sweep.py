@@ -323,6 +323,7 @@ class Driver:
     self._lock = threading.Lock()  # one thread at a time asks the study or writes results
     self._gpus = split_gpus(visible_gpus(), workers) if workers > 1 else [None]
     self.pod, self._jobs = pod, 0  # on a pod: the jobs announced to the other processes
+    self._errors: list[Exception] = []
     if pod is not None and workers != 1:
       raise SweepError(f"--workers={workers}: on a pod each trial takes the whole mesh; "
                        "use --workers=1")
@@ -338,6 +339,8 @@ class Driver:
     if self.pod is not None:
       self.pod.announce(self._jobs, None)  # the other processes' drivers end too
     self.write_results()
+    if self._errors:  # a worker that failed (not a trial: the driver itself, e.g. its storage)
+      raise self._errors[0]
 
   def follow(self) -> None:
     """On processes 1 … N-1 of a pod: runs this process's part of each trial process 0
@@ -364,6 +367,12 @@ class Driver:
       sweep_results.write(self.study, self.workdir)
 
   def _work(self, index: int) -> None:
+    try:
+      self._work_on(index)
+    except Exception as e:  # re-raised by run(), once the other workers are done
+      self._errors.append(e)
+
+  def _work_on(self, index: int) -> None:
     env = dict(os.environ)
     if self._gpus[index] is not None:
       env["CUDA_VISIBLE_DEVICES"] = self._gpus[index]

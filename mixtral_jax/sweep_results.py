@@ -12,6 +12,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from mixtral_jax import metrics as metrics_lib
 from mixtral_jax.files import write_atomically
 
 matplotlib.use("Agg")  # files only; no display on a training host
@@ -26,18 +27,7 @@ _LAST = (("eval_loss", "eval_loss"), ("ce_loss", "ce_loss"), ("aux_loss", "aux_l
 
 
 def _records(workdir: str, number: int) -> list[dict]:
-  path = os.path.join(workdir, f"trial_{number}", "metrics.jsonl")
-  records = []
-  try:
-    with open(path) as f:
-      for line in f:
-        try:
-          records.append(json.loads(line))
-        except ValueError:
-          continue  # a line cut short by a killed process
-  except FileNotFoundError:
-    pass
-  return records
+  return metrics_lib.read_records(os.path.join(workdir, f"trial_{number}"))
 
 
 def _last(records: list[dict], name: str) -> Optional[float]:

@@ -22,6 +22,7 @@ from mixtral_jax import data as data_lib
 from mixtral_jax import files
 from mixtral_jax import interrupt
 from mixtral_jax import metrics as metrics_lib
+from mixtral_jax import plot
 from mixtral_jax.files import DirectoryLock, write_atomically
 from mixtral_jax.model import count_params
 
@@ -80,6 +81,29 @@ class _Interval:
     mean = jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *history)
     seconds = (time.perf_counter() - self.start - self.excluded) / len(history)
     return mean, streak, seconds
+
+
+class _Profile:
+  """A jax.profiler trace of config.profile_steps into WORKDIR/profile (a resumed run traces
+  what is left of them)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, start_step: int):
+    steps = config_lib.profile_range(config)
+    self.first, self.last = steps if steps else (0, -1)
+    self.first = max(self.first, start_step + 1)
+    self.directory, self.tracing = os.path.join(workdir, "profile"), False
+
+  def before(self, step: int) -> None:
+    if step == self.first and step <= self.last:
+      jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+      self.tracing = True
+
+  def after(self, step: int, state, is_last: bool) -> None:
+    if self.tracing and (step == self.last or is_last):
+      jax.block_until_ready(state)  # the trace holds the traced steps' device work
+      jax.profiler.stop_trace()
+      self.tracing = False
+      print(f"profile of steps {self.first}-{step} in {self.directory}", flush=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -198,9 +222,12 @@ def _train(setup: build_lib.Setup, workdir: str, stop_at_step: Optional[int],
       summary["first_loss"] = float(logged["loss"])
     summary["final_loss"] = float(logged["loss"])
 
+  profile = _Profile(config, workdir, start_step)
   interval, pending = _Interval(), None
   for step in range(start_step + 1, last_step + 1):
+    profile.before(step)
     state, metrics = setup.train_step(state, layout.global_batch(next(batches)))
+    profile.after(step, state, is_last=False)
     interval.metrics.append(metrics)
     checkpointer.check()  # a save that failed in the background stops the run now
     if pending:  # the last log step's metrics, read now that this step is queued behind it
@@ -227,8 +254,12 @@ def _train(setup: build_lib.Setup, workdir: str, stop_at_step: Optional[int],
     if is_last:
       break
   write_log(*pending)
+  profile.after(step, state, is_last=True)  # a stop within the profiled steps ends the trace
 
   checkpointer.close()
+  writer.close()
+  if primary:
+    plot.write(workdir)
   if stop_signal is not None:
     raise interrupt.Interrupted(
         stop_signal, f"stopped by {signal.Signals(stop_signal).name} at step {step}: checkpoint "

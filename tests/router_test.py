@@ -78,3 +78,13 @@ def test_jitter_only_in_training_and_reproducible():
   again = module.apply(params, x, deterministic=False, rngs={"jitter": jax.random.PRNGKey(2)})
   assert not np.allclose(clean.logits, noisy.logits)
   np.testing.assert_array_equal(noisy.logits, again.logits)
+
+
+def test_mean_entropy_runs_from_undecided_to_certain():
+  uniform = jnp.zeros((5, 8))
+  np.testing.assert_allclose(router.mean_entropy(uniform), np.log(8), rtol=1e-6)
+  certain = jnp.eye(8)[:5] * 100.0
+  np.testing.assert_allclose(router.mean_entropy(certain), 0.0, atol=1e-6)
+  mask = jnp.array([1, 1, 0, 0, 0])  # masked tokens do not count
+  mixed = jnp.concatenate([certain[:2], uniform[:3]])
+  np.testing.assert_allclose(router.mean_entropy(mixed, mask), 0.0, atol=1e-6)

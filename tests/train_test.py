@@ -2,6 +2,7 @@
 one program for training and benchmarks, no per-step device reads, no flags on import."""
 
 import dataclasses
+import glob
 import json
 import os
 import re
@@ -337,3 +338,17 @@ def test_importing_the_library_defines_no_flags(repo):
                 "heartbeat_timeout", "num_processes", "process_id", "shutdown_timeout",
                 "stop_at_step", "workdir"]
   assert result.stdout.splitlines() == ["[]", f"['mixtral_jax.main'] {main_flags}"]
+
+
+def test_profile_steps_trace_those_steps_and_a_bad_range_is_one_line(tmp_path, tiny_config):
+  run = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(profile_steps="3:4"), str(run))
+  traces = glob.glob(str(run / "profile" / "**" / "*.xplane.pb"), recursive=True)
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+  perfetto = glob.glob(str(run / "profile" / "**" / "perfetto_trace.json.gz"), recursive=True)
+  assert len(perfetto) == 1 and os.path.getsize(perfetto[0]) > 0
+  for bad, message in (("4:3", r"'4:3': need 1 <= 4 <= 3 <= num_train_steps=12"),
+                       ("5:20", r"'5:20': need 1 <= 5 <= 20 <= num_train_steps=12"),
+                       ("3-4", r"'3-4' is not FIRST:LAST")):
+    with pytest.raises(config_lib.ConfigError, match=r"^config.profile_steps: " + message):
+      config_lib.validate(tiny_config(profile_steps=bad))

@@ -2,17 +2,18 @@
 
     mixtral-sweep --config=configs/sweeps/experts.py --workdir=workdir/sweeps/experts
 
-Four trials of the default 500 steps; their table and plot are in the README.
+Four trials of 250 steps (11 minutes on a 2-core CPU); their table and plot are in the README.
 """
 
 from configs import default
 
 
 def get_config():
-  """The base of every trial: the default config, evaluated every 100 steps for the curves."""
+  """The base of every trial: the default config for 250 steps, evaluated every 50."""
   config = default.get_config()
-  config.eval_every_steps = 100
-  config.checkpoint_every_steps = 100
+  config.num_train_steps = 250
+  config.eval_every_steps = 50
+  config.checkpoint_every_steps = 125
   return config
 
 
