@@ -41,6 +41,7 @@ setup(
                             "mixtral-compile=mixtral_jax.compile:main",
                             "mixtral-sweep=mixtral_jax.sweep_main:run",
                             "mixtral-plot=mixtral_jax.plot:main",
+                            "mixtral-sample=mixtral_jax.sample:main",
                             "mixtral-tokenizer=mixtral_jax.tokenizer:main"],
     },
 )

@@ -133,8 +133,52 @@ class Attention(nn.Module):
         kernel_init=nn.with_logical_partitioning(kernel_init, ("embed", "heads", "kv")),
         name=name)(x)
 
+  def _decode(self, q, k, v, positions, segment_ids, cache_size: int):
+    """Attention against the "cache" collection's keys and values (sampling): a prompt
+    (T > 1, the cache empty) attends to itself and leaves its last `cache_size` entries
+    there; a new token (T = 1) is written at the next slot and attends to every cached entry
+    it can see. Slots are used in turn, so a cache of `sliding_window` entries is a rolling
+    buffer. A position < 0 marks padding: never attended to."""
+    cfg = self.config
+    batch, length, kv_heads, head_dim = k.shape
+    keys = self.variable("cache", "key", jnp.zeros, (batch, cache_size, kv_heads, head_dim),
+                         k.dtype)
+    values = self.variable("cache", "value", jnp.zeros, (batch, cache_size, kv_heads, head_dim),
+                           v.dtype)
+    cached_positions = self.variable("cache", "position", lambda: jnp.full(
+        (batch, cache_size), -1, jnp.int32))
+    written = self.variable("cache", "written", lambda: jnp.zeros((), jnp.int32))
+    if length > 1:  # the prompt; its padding (position < 0) is its own segment
+      out = causal_attention(q, k, v, segment_ids, cfg.sliding_window, cfg.attention_query_chunk)
+      kept = min(length, cache_size)
+      slots = (length - kept + jnp.arange(kept)) % cache_size  # where a rolling buffer has them
+      keys.value = keys.value.at[:, slots].set(k[:, length - kept:])
+      values.value = values.value.at[:, slots].set(v[:, length - kept:])
+      cached_positions.value = cached_positions.value.at[:, slots].set(
+          positions[:, length - kept:].astype(jnp.int32))
+      written.value = jnp.asarray(length, jnp.int32)
+      return out
+    slot = written.value % cache_size
+    keys.value = jax.lax.dynamic_update_slice_in_dim(keys.value, k, slot, axis=1)
+    values.value = jax.lax.dynamic_update_slice_in_dim(values.value, v, slot, axis=1)
+    cached_positions.value = jax.lax.dynamic_update_slice_in_dim(
+        cached_positions.value, positions.astype(jnp.int32), slot, axis=1)
+    written.value = written.value + 1
+    seen = cached_positions.value  # [B, S]
+    query = positions[:, :1]  # [B, 1]
+    mask = (seen >= 0) & (seen <= query)
+    if cfg.sliding_window > 0:
+      mask &= query - seen < cfg.sliding_window
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, keys.value,
+                        preferred_element_type=jnp.float32)  # [B, K, G, 1, S]
+    scores = jnp.where(mask[:, None, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.value.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, values.value)
+
   @nn.compact
-  def __call__(self, x, positions, segment_ids):  # x [B, T, D]; positions, segment_ids [B, T]
+  def __call__(self, x, positions, segment_ids, cache_size: int = 0):
+    """x [B, T, D]; positions, segment_ids [B, T]. `cache_size` > 0: decode against a KV cache
+    of that many entries (see _decode)."""
     cfg = self.config
     batch, length, _ = x.shape
     groups = cfg.num_heads // cfg.num_kv_heads
@@ -144,7 +188,9 @@ class Attention(nn.Module):
     q = q.reshape(batch, length, cfg.num_kv_heads, groups, cfg.head_dim)  # [B, T, K, G, H]
     q = q * jnp.asarray(cfg.head_dim ** -0.5, q.dtype)
     platform = _platform(self.mesh)
-    if cfg.attention == "splash":
+    if cache_size:
+      out = self._decode(q, k, v, positions, segment_ids, cache_size)
+    elif cfg.attention == "splash":
       out = splash_attention(q, k, v, segment_ids, cfg.sliding_window, self.mesh,
                              interpret=platform == "cpu")
     elif cfg.attention == "dot_product":

@@ -17,16 +17,18 @@ from mixtral_jax.moe import MoE, MoEStats
 
 
 class DecoderBlock(nn.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then h + moe(norm(h))."""
+  """Pre-norm residual block: x + attn(norm(x)), then h + moe(norm(h)); `cache_size` > 0
+  decodes against a KV cache of that many entries (sampling)."""
   config: ml_collections.FrozenConfigDict
   mesh: Optional[Mesh] = None
+  cache_size: int = 0
 
   @nn.compact
   def __call__(self, x, positions, segment_ids, token_mask, deterministic: bool):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     h = RMSNorm(cfg.rms_norm_eps, dtype, name="input_norm")(x)
-    h = Attention(cfg, self.mesh, name="attention")(h, positions, segment_ids)
+    h = Attention(cfg, self.mesh, name="attention")(h, positions, segment_ids, self.cache_size)
     x = x + h
     h = RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_norm")(x)
     h, stats = MoE(cfg, self.mesh, name="moe")(h, token_mask, deterministic)
@@ -45,7 +47,7 @@ class Mixtral(nn.Module):
   @nn.compact
   def __call__(self, tokens, positions: Optional[jax.Array] = None,
                segment_ids: Optional[jax.Array] = None, token_mask: Optional[jax.Array] = None,
-               deterministic: bool = True, return_hidden: bool = False):
+               deterministic: bool = True, return_hidden: bool = False, cache_size: int = 0):
     """tokens [B, T] → (logits [B, T, V] float32, MoEStats with a leading [L] layer axis).
 
     `return_hidden` returns the LM head's input [B, T, D] instead of logits, for a loss that
@@ -53,7 +55,8 @@ class Mixtral(nn.Module):
 
     `positions` restart at 0 for each packed document and `segment_ids` keep attention inside
     one; both default to a single document per row. `token_mask` [B, T] excludes padding from
-    the router statistics.
+    the router statistics. `cache_size` > 0 decodes against a KV cache of that many entries in
+    the mutable "cache" collection (mixtral_jax/sample.py).
     """
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
@@ -68,19 +71,19 @@ class Mixtral(nn.Module):
 
     # `deterministic` (argument 5, counting the module) is a Python bool: static under remat.
     block = (nn.remat(DecoderBlock, static_argnums=(5,), prevent_cse=not cfg.scan_layers)
-             if cfg.remat else DecoderBlock)
+             if cfg.remat and not cache_size else DecoderBlock)
     if cfg.scan_layers:  # one traced block; parameters stacked on a leading [L] "layers" axis
-      layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
-                                                                      "jitter": True},
+      layers = nn.scan(block, variable_axes={"params": 0, "cache": 0},
+                       split_rngs={"params": True, "jitter": True},
                        in_axes=(nn.broadcast,) * 4, length=cfg.num_layers,
                        metadata_params={nn.PARTITION_NAME: "layers"})
-      x, stacked = layers(cfg, self.mesh, name="layers")(x, positions, segment_ids, token_mask,
-                                                         deterministic)
+      x, stacked = layers(cfg, self.mesh, cache_size, name="layers")(
+          x, positions, segment_ids, token_mask, deterministic)
     else:
       layer_stats = []
       for i in range(cfg.num_layers):
-        x, stats = block(cfg, self.mesh, name=f"layer_{i}")(x, positions, segment_ids,
-                                                            token_mask, deterministic)
+        x, stats = block(cfg, self.mesh, cache_size, name=f"layer_{i}")(
+            x, positions, segment_ids, token_mask, deterministic)
         layer_stats.append(stats)
       stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layer_stats)
     x = RMSNorm(cfg.rms_norm_eps, dtype, name="final_norm")(x)

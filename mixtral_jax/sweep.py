@@ -12,9 +12,10 @@ storage, DIR/study.journal: an append-only log written under a file lock, which 
 recommends over SQLite for parallel workers (SQLite serialises writers on one database lock and
 fails them with "database is locked" under contention), and it needs no server. A worker holds
 DIR/trial_<n>/.sweep.lock while it drives trial n, so a trial still RUNNING in the study whose
-lock is free has lost its worker (kill -9): the next worker adopts it, and mixtral-train resumes
-it from its checkpoint. A killed driver's trials get one SIGTERM (sweep_trial.py) and save first. `mixtral-sweep` (sweep_main.py) is the command line; sweep_results.py
-writes the tables and plots.
+lock is free was interrupted (a stopped sweep, or a killed driver, whose trials get one SIGTERM
+through sweep_trial.py and save first): the next worker adopts it, and mixtral-train resumes it
+from its checkpoint. `mixtral-sweep` (sweep_main.py) is the command line; sweep_results.py
+writes the tables and plots; sweep_pod.py runs a sweep over a pod's processes.
 """
 
 import copy
@@ -446,7 +447,7 @@ class Driver:
         {"number": number, "params": values, "command": command}, indent=2).encode())
     log_path = os.path.join(path, "train.log")
     if adopted:
-      self.log(f"trial {number} ({shown}) lost its worker; resuming it in {path}")
+      self.log(f"trial {number} ({shown}) was interrupted; resuming it in {path}")
       with DirectoryLock(path):  # the old trial process checkpoints and exits on SIGTERM
         pass
     else:

@@ -233,7 +233,7 @@ def test_a_killed_sweep_resumes_its_trial_from_the_checkpoint(tmp_path, repo, sw
   driver.kill()  # kill -9: no handler runs; the trial's process gets SIGTERM from the kernel
   driver.wait()
   result = _sweep(repo, *flags)
-  assert "trial 0 (model.experts_per_token=1) lost its worker; resuming it" in result.stdout
+  assert "trial 0 (model.experts_per_token=1) was interrupted; resuming it" in result.stdout
   log = _log(workdir, 0)
   assert "stopped by SIGTERM" in log and "resuming from checkpoint at step" in log, log
   rows = _csv(workdir)
@@ -315,3 +315,44 @@ def test_on_a_pod_every_trial_trains_on_the_whole_mesh(tmp_path, repo, sweep_fil
     with open(os.path.join(workdir, f"trial_{number}", "train_process_1.log")) as f:
       assert '"eval_loss"' in f.read().splitlines()[-1]  # process 1 trained it to the end
   assert not os.path.exists(os.path.join(workdir, "trial_0", "train_process_0.log"))
+
+
+@pytest.mark.parametrize("kind", ["rdb", "journal"])
+def test_workers_on_other_hosts_share_a_study_through_storage(tmp_path, kind):
+  storage = (f"sqlite:///{tmp_path}/study.db" if kind == "rdb" else
+             str(tmp_path / "shared" / "study.journal"))
+  for name in ("shared", "a", "b"):
+    os.makedirs(tmp_path / name)
+  grid = sweep_lib.as_sweep({"seed": [0, 1, 2]})
+  first = sweep_lib.open_study(str(tmp_path / "a"), grid, storage)
+  trial = first.ask(sweep_lib.distributions(grid))
+  first.tell(trial, 1.5)
+  # Another host: its own directory, the same storage; the grid is not queued again.
+  other = sweep_lib.open_study(str(tmp_path / "b"), grid, storage)
+  assert [(t.number, t.state.name, t.params) for t in other.trials] == [
+      (0, "COMPLETE", {"seed": 0}), (1, "WAITING", {}), (2, "WAITING", {})]
+  assert not os.path.exists(tmp_path / "a" / "study.journal")
+
+
+def test_a_stopped_sweep_saves_its_trial_and_a_rerun_finishes_it(tmp_path, repo, sweep_file):
+  config = sweep_file('{"model.experts_per_token": [2]}')
+  workdir = str(tmp_path / "sweep")
+  flags = [f"--config={config}", f"--workdir={workdir}", "--config.num_train_steps=10",
+           "--poll_seconds=0.2"]
+  driver = subprocess.Popen([sys.executable, "-m", "mixtral_jax.sweep_main", *flags], cwd=repo,
+                            env=_one_device(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+  metrics = os.path.join(workdir, "trial_0", "metrics.jsonl")
+  deadline = time.monotonic() + 300
+  while not (os.path.exists(metrics) and max(_losses(os.path.dirname(metrics)), default=0) >= 3):
+    assert time.monotonic() < deadline and driver.poll() is None
+    time.sleep(0.1)
+  driver.send_signal(signal.SIGTERM)  # as a preemption or Ctrl-C would
+  out, err = driver.communicate(timeout=300)
+  assert driver.returncode == 143, err[-2000:]
+  assert err.strip().splitlines()[-1] == "stopped by SIGTERM; rerun the same command to resume"
+  assert [(r["state"], r["note"]) for r in _csv(workdir)] == [("running", "")]
+  assert "stopped by SIGTERM at step" in _log(workdir, 0)
+  result = _sweep(repo, *flags)
+  assert "trial 0 (model.experts_per_token=2) was interrupted; resuming it" in result.stdout
+  assert [(r["state"], r["steps"]) for r in _csv(workdir)] == [("complete", "10")]
