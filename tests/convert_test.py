@@ -16,7 +16,7 @@ import torch
 import transformers
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from mixtral_jax import build, checkpoint, convert, train
+from mixtral_jax import build, checkpoint, convert, sample, train
 
 
 @pytest.fixture
@@ -132,6 +132,8 @@ def test_hf_aux_loss_and_greedy_generation_match_ours(tmp_path, tiny_trained_par
     hf_out = hf.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new,
                          do_sample=False)
   assert hf_out[0].tolist() == buffer[0].tolist()
+  # mixtral-sample's decoding with the KV cache gives the same 20 tokens.
+  assert sample.generate(params, config, [prompt], new) == [hf_out[0, len(prompt):].tolist()]
 
 
 def hf_tiny(path, fused=False):
