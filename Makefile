@@ -48,6 +48,7 @@ bench:
 	$(PY) benchmarks/compile_time.py
 	$(PY) benchmarks/pod_compile.py
 	$(PY) benchmarks/sweep_overhead.py
+	$(PY) benchmarks/sample.py
 
 clean:
 	rm -rf $(VENV) workdir

@@ -80,10 +80,14 @@ def generate(params, config: ml_collections.ConfigDict, prompts: Sequence[Sequen
   """
   _check(prompts, max_new_tokens, temperature, top_k, top_p, config.seq_len)
   platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-  model_config = config_lib.model_config(config.model, platform)
-  model = Mixtral(model_config, mesh)
   lengths = np.array([len(p) for p in prompts])
   width, batch = int(lengths.max()), len(prompts)
+  model_config = config_lib.model_config(config.model, platform).as_configdict()
+  # A decode step routes batch × k token-slots: blocks of training's size would be mostly
+  # padding (the dropless layout pads each expert's group to a whole block).
+  model_config.block_size = min(model_config.block_size,
+                                max(8, -(-batch * model_config.experts_per_token // 8) * 8))
+  model = Mixtral(ml_collections.FrozenConfigDict(model_config), mesh)
   window = model_config.sliding_window
   cache_size = width + max_new_tokens
   if window:
@@ -93,36 +97,36 @@ def generate(params, config: ml_collections.ConfigDict, prompts: Sequence[Sequen
     tokens[row, width - len(prompt):] = prompt
   positions = np.arange(width)[None, :] - (width - lengths)[:, None]  # padding: < 0
   padding = (positions < 0).astype(np.int32)  # its own segment: the prompt never sees it
+  choose = lambda logits, key: next_tokens(logits[:, -1], key, temperature, top_k, top_p)
 
   @jax.jit
-  def prefill(params, tokens, positions, padding):
+  def prefill(params, tokens, positions, padding, key):
     (logits, _), cache = model.apply({"params": params}, tokens, positions, padding,
                                      padding == 0, cache_size=cache_size, mutable=["cache"])
-    return logits[:, -1], cache["cache"]
+    return choose(logits, key), cache["cache"]
 
   @jax.jit
-  def step(params, cache, token, position):
+  def step(params, cache, token, position, key):
     (logits, _), cache = model.apply({"params": params, "cache": cache}, token[:, None],
                                      position[:, None], jnp.zeros_like(token[:, None]),
                                      cache_size=cache_size, mutable=["cache"])
-    return logits[:, -1], cache["cache"]
+    return choose(logits, key), cache["cache"]
 
-  logits, cache = prefill(params, tokens, positions, padding)
-  key = jax.random.PRNGKey(seed)
+  keys = jax.random.split(jax.random.PRNGKey(seed), max_new_tokens)
+  token, cache = prefill(params, tokens, positions, padding, keys[0])
   out, done = [[] for _ in prompts], np.zeros(batch, bool)
   for i in range(max_new_tokens):
-    token = np.asarray(next_tokens(logits, jax.random.fold_in(key, i), temperature, top_k,
-                                   top_p))
+    drawn = np.asarray(token)
     for row in range(batch):
       if not done[row]:
-        if eos_id is not None and token[row] == eos_id:
+        if eos_id is not None and drawn[row] == eos_id:
           done[row] = True
         else:
-          out[row].append(int(token[row]))
+          out[row].append(int(drawn[row]))
     if done.all() or i == max_new_tokens - 1:
       break
-    logits, cache = step(params, cache, jnp.asarray(token, jnp.int32),
-                         jnp.asarray(lengths + i, jnp.int32))
+    token, cache = step(params, cache, token.astype(jnp.int32),
+                        jnp.asarray(lengths + i, jnp.int32), keys[i + 1])
   return out
 
 
