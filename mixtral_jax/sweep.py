@@ -39,6 +39,7 @@ from optuna.distributions import (BaseDistribution, CategoricalDistribution, Flo
 from optuna.trial import TrialState
 
 from mixtral_jax import config as config_lib
+from mixtral_jax import metrics as metrics_lib
 from mixtral_jax import sweep_pod
 from mixtral_jax import sweep_results
 from mixtral_jax.files import DirectoryLock, LockedError, write_atomically
@@ -484,7 +485,9 @@ class Driver:
       self.log(f"trial {number}: failed: {reason}")
       self._end(trial, TrialState.FAIL, reason)
     else:
-      value = _last(os.path.join(path, "metrics.jsonl"), self.sweep.objective)
+      logged = [r[self.sweep.objective] for r in metrics_lib.read_records(path)
+                if self.sweep.objective in r]
+      value = float(logged[-1]) if logged else None
       if value is None or not math.isfinite(value):
         reason = f"no finite {self.sweep.objective} in metrics.jsonl (got {value})"
         self.log(f"trial {number}: failed: {reason}")
@@ -567,10 +570,3 @@ def _new_records(path: str, offset: int) -> tuple[list[dict], int]:
     except ValueError:
       continue
   return records, offset + len(complete)
-
-
-def _last(path: str, name: str) -> Optional[float]:
-  """The last value of metric `name` in a metrics.jsonl."""
-  records, _ = _new_records(path, 0)
-  values = [r[name] for r in records if name in r]
-  return float(values[-1]) if values else None
