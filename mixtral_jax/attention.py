@@ -141,26 +141,28 @@ class Attention(nn.Module):
     buffer. A position < 0 marks padding: never attended to."""
     cfg = self.config
     batch, length, kv_heads, head_dim = k.shape
-    keys = self.variable("cache", "key", jnp.zeros, (batch, cache_size, kv_heads, head_dim),
-                         k.dtype)
-    values = self.variable("cache", "value", jnp.zeros, (batch, cache_size, kv_heads, head_dim),
-                           v.dtype)
+    # Stored [B, K, S, H]: both products of a decode step then read the cache as it lies.
+    shape = (batch, kv_heads, cache_size, head_dim)
+    keys = self.variable("cache", "key", jnp.zeros, shape, k.dtype)
+    values = self.variable("cache", "value", jnp.zeros, shape, v.dtype)
     cached_positions = self.variable("cache", "position", lambda: jnp.full(
         (batch, cache_size), -1, jnp.int32))
     written = self.variable("cache", "written", lambda: jnp.zeros((), jnp.int32))
+    k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, K, T, H]
     if length > 1:  # the prompt; its padding (position < 0) is its own segment
-      out = causal_attention(q, k, v, segment_ids, cfg.sliding_window, cfg.attention_query_chunk)
+      out = causal_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), segment_ids,
+                             cfg.sliding_window, cfg.attention_query_chunk)
       kept = min(length, cache_size)
       slots = (length - kept + jnp.arange(kept)) % cache_size  # where a rolling buffer has them
-      keys.value = keys.value.at[:, slots].set(k[:, length - kept:])
-      values.value = values.value.at[:, slots].set(v[:, length - kept:])
+      keys.value = keys.value.at[:, :, slots].set(k[:, :, length - kept:])
+      values.value = values.value.at[:, :, slots].set(v[:, :, length - kept:])
       cached_positions.value = cached_positions.value.at[:, slots].set(
           positions[:, length - kept:].astype(jnp.int32))
       written.value = jnp.asarray(length, jnp.int32)
       return out
     slot = written.value % cache_size
-    keys.value = jax.lax.dynamic_update_slice_in_dim(keys.value, k, slot, axis=1)
-    values.value = jax.lax.dynamic_update_slice_in_dim(values.value, v, slot, axis=1)
+    keys.value = jax.lax.dynamic_update_slice_in_dim(keys.value, k, slot, axis=2)
+    values.value = jax.lax.dynamic_update_slice_in_dim(values.value, v, slot, axis=2)
     cached_positions.value = jax.lax.dynamic_update_slice_in_dim(
         cached_positions.value, positions.astype(jnp.int32), slot, axis=1)
     written.value = written.value + 1
@@ -169,11 +171,11 @@ class Attention(nn.Module):
     mask = (seen >= 0) & (seen <= query)
     if cfg.sliding_window > 0:
       mask &= query - seen < cfg.sliding_window
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, keys.value,
-                        preferred_element_type=jnp.float32)  # [B, K, G, 1, S]
-    scores = jnp.where(mask[:, None, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.einsum("bkgh,bksh->bkgs", q[:, 0], keys.value,
+                        preferred_element_type=jnp.float32)  # [B, K, G, S]
+    scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.value.dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", probs, values.value)
+    return jnp.einsum("bkgs,bksh->bkgh", probs, values.value)[:, None]  # [B, 1, K, G, H]
 
   @nn.compact
   def __call__(self, x, positions, segment_ids, cache_size: int = 0):

@@ -1,27 +1,33 @@
 """Sampling with a KV cache: `generate` (Python) and `mixtral-sample` (its command line).
 
     mixtral-sample --workdir=/tmp/run --prompt="def fib(" --max_new_tokens=128 \
-        --temperature=0.8 --top_k=40 --top_p=0.95 --seed=0 [--num_samples=4] [--step=N]
+        --temperature=0.8 --top_k=40 --top_p=0.95 --seed=0 [--num_samples=4] [--step=N] \
+        [--one_device]
 
-The prompt runs through the model once (a jitted prefill that fills the cache), then one
-jitted step per new token attends to the cache; a model with a sliding window keeps a rolling
-cache of `sliding_window` entries. Prompts of different lengths share a batch, padded on the
-left; EOS ends a sample.
+One jitted program per setting: the prompt runs through the model once (the prefill fills the
+cache), then a `lax.while_loop` takes one step per new token that attends to the cache; a
+model with a sliding window keeps a rolling cache of `sliding_window` entries. Prompts of
+different lengths share a batch, padded on the left; EOS ends a sample. The model runs on the
+config's mesh, experts split over its `expert` axis as in training.
 """
 
 import argparse
+import functools
+import math
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 
 from mixtral_jax import build as build_lib
 from mixtral_jax import checkpoint as checkpoint_lib
 from mixtral_jax import config as config_lib
+from mixtral_jax import sharding
 from mixtral_jax import tokenizer as tokenizer_lib
 from mixtral_jax.model import Mixtral
 
@@ -69,65 +75,113 @@ def next_tokens(logits, key, temperature: float, top_k: int, top_p: float):
   return jax.random.categorical(key, logits, axis=-1)
 
 
+def _pad_batch(prompts: Sequence[Sequence[int]], shards: int) -> list[Sequence[int]]:
+  """Prompts repeated from the first to a multiple of `shards` rows (the batch's split)."""
+  return list(prompts) + [prompts[0]] * (-len(prompts) % shards)
+
+
+def _step_config(model_config: ml_collections.ConfigDict,
+                 batch: int) -> ml_collections.FrozenConfigDict:
+  """The MoE of a decode step, which routes only batch × k token-slots.
+
+  Dropless blocks are sized to the slots. On CPU (the blocked grouped matmul) a small batch
+  instead takes capacity dispatch with one row per token and expert (capacity_factor E/k):
+  it drops nothing and runs all experts in one batched matmul, E/k× the slots' FLOPs but no
+  loop of tiny blocks that each copy their expert's weights; measured faster below
+  batch · k = 8 · E (benchmarks/README.md, sampling).
+  """
+  step = model_config.copy_and_resolve_references()
+  slots = batch * step.experts_per_token
+  if step.grouped_matmul == "blocked" and slots < 8 * step.num_experts:
+    step.update(dispatch="capacity", capacity_factor=step.num_experts / step.experts_per_token)
+  else:
+    step.block_size = min(step.block_size, max(8, -(-slots // 8) * 8))
+  return ml_collections.FrozenConfigDict(step)
+
+
+@functools.lru_cache(maxsize=16)
+def _decoder(prefill_config: ml_collections.FrozenConfigDict,
+             step_config: ml_collections.FrozenConfigDict, mesh: Optional[Mesh],
+             cache_size: int, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+             eos_id: int):
+  """A jitted (params, tokens, positions, key) → new tokens [B, max_new_tokens] (-1 after a
+  row's EOS): the prefill, then a `lax.while_loop` of one cached step per token that stops
+  once every row has drawn EOS. Built once per setting, so repeated calls do not recompile."""
+  model, step_model = Mixtral(prefill_config, mesh), Mixtral(step_config, mesh)
+  choose = lambda logits, key: next_tokens(logits[:, -1], key, temperature, top_k, top_p)
+
+  def run(params, tokens, positions, key):
+    keys = jax.random.split(key, max_new_tokens)
+    padding = (positions < 0).astype(jnp.int32)  # its own segment: the prompt never sees it
+    (logits, _), cache = model.apply({"params": params}, tokens, positions, padding,
+                                     padding == 0, cache_size=cache_size, mutable=["cache"])
+    token = choose(logits, keys[0])  # [B]
+    done = token == eos_id
+    out = jnp.full((tokens.shape[0], max_new_tokens), -1, jnp.int32)
+    out = out.at[:, 0].set(jnp.where(done, -1, token))
+    next_position = positions[:, -1] + 1  # [B]: where the first new token sits
+
+    def more(carry):
+      i, _, _, _, done = carry
+      return (i < max_new_tokens) & ~jnp.all(done)
+
+    def step(carry):
+      i, token, cache, out, done = carry
+      (logits, _), cache = step_model.apply(
+          {"params": params, "cache": cache}, token[:, None], (next_position + i - 1)[:, None],
+          jnp.zeros_like(token[:, None]), cache_size=cache_size, mutable=["cache"])
+      token = choose(logits, keys[i]).astype(jnp.int32)
+      done = done | (token == eos_id)
+      return i + 1, token, cache["cache"], out.at[:, i].set(jnp.where(done, -1, token)), done
+
+    carry = (jnp.int32(1), token.astype(jnp.int32), cache["cache"], out, done)
+    return jax.lax.while_loop(more, step, carry)[3]
+
+  return jax.jit(run)
+
+
 def generate(params, config: ml_collections.ConfigDict, prompts: Sequence[Sequence[int]],
              max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, eos_id: Optional[int] = None,
-             mesh=None) -> list[list[int]]:
+             mesh: Optional[Mesh] = None) -> list[list[int]]:
   """The new tokens after each prompt (token ids), up to `max_new_tokens` or before `eos_id`.
 
-  `params` and `config` as training saved them (build.restore_params); `mesh` places the
-  model as in training (default: one device). SampleError for an invalid setting.
+  `params` and `config` as training saved them (build.restore_params). With `mesh` (see
+  `place`) the model runs as in training: rows over the batch axes, experts over `expert`.
+  SampleError for an invalid setting.
   """
   _check(prompts, max_new_tokens, temperature, top_k, top_p, config.seq_len)
   platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-  lengths = np.array([len(p) for p in prompts])
-  width, batch = int(lengths.max()), len(prompts)
+  shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+  rows = _pad_batch(prompts, shards)
+  lengths = np.array([len(p) for p in rows])
+  width = int(lengths.max())
   model_config = config_lib.model_config(config.model, platform).as_configdict()
-  # A decode step routes batch × k token-slots: blocks of training's size would be mostly
-  # padding (the dropless layout pads each expert's group to a whole block).
-  model_config.block_size = min(model_config.block_size,
-                                max(8, -(-batch * model_config.experts_per_token // 8) * 8))
-  model = Mixtral(ml_collections.FrozenConfigDict(model_config), mesh)
+  # Capacity would drop slots depending on what else is in the batch; sampling drops none.
+  model_config.dispatch = "dropless"
+  step_config = _step_config(model_config, len(rows))
   window = model_config.sliding_window
-  cache_size = width + max_new_tokens
-  if window:
-    cache_size = min(cache_size, window)
-  tokens = np.zeros((batch, width), np.int32)
-  for row, prompt in enumerate(prompts):
+  cache_size = min(width + max_new_tokens, window) if window else width + max_new_tokens
+  decode = _decoder(ml_collections.FrozenConfigDict(model_config), step_config, mesh,
+                    cache_size, max_new_tokens, float(temperature), int(top_k), float(top_p),
+                    -1 if eos_id is None else int(eos_id))
+  tokens = np.zeros((len(rows), width), np.int32)
+  for row, prompt in enumerate(rows):
     tokens[row, width - len(prompt):] = prompt
-  positions = np.arange(width)[None, :] - (width - lengths)[:, None]  # padding: < 0
-  padding = (positions < 0).astype(np.int32)  # its own segment: the prompt never sees it
-  choose = lambda logits, key: next_tokens(logits[:, -1], key, temperature, top_k, top_p)
+  positions = (np.arange(width)[None, :] - (width - lengths)[:, None]).astype(np.int32)
+  if mesh is not None:
+    tokens, positions = jax.device_put((tokens, positions), sharding.batch_sharding(mesh))
+  drawn = np.asarray(decode(params, tokens, positions, jax.random.PRNGKey(seed)))
+  return [row[:np.argmax(row < 0)].tolist() if (row < 0).any() else row.tolist()
+          for row in drawn[:len(prompts)]]
 
-  @jax.jit
-  def prefill(params, tokens, positions, padding, key):
-    (logits, _), cache = model.apply({"params": params}, tokens, positions, padding,
-                                     padding == 0, cache_size=cache_size, mutable=["cache"])
-    return choose(logits, key), cache["cache"]
 
-  @jax.jit
-  def step(params, cache, token, position, key):
-    (logits, _), cache = model.apply({"params": params, "cache": cache}, token[:, None],
-                                     position[:, None], jnp.zeros_like(token[:, None]),
-                                     cache_size=cache_size, mutable=["cache"])
-    return choose(logits, key), cache["cache"]
-
-  keys = jax.random.split(jax.random.PRNGKey(seed), max_new_tokens)
-  token, cache = prefill(params, tokens, positions, padding, keys[0])
-  out, done = [[] for _ in prompts], np.zeros(batch, bool)
-  for i in range(max_new_tokens):
-    drawn = np.asarray(token)
-    for row in range(batch):
-      if not done[row]:
-        if eos_id is not None and drawn[row] == eos_id:
-          done[row] = True
-        else:
-          out[row].append(int(drawn[row]))
-    if done.all() or i == max_new_tokens - 1:
-      break
-    token, cache = step(params, cache, token.astype(jnp.int32),
-                        jnp.asarray(lengths + i, jnp.int32), keys[i + 1])
-  return out
+def place(params, config: ml_collections.ConfigDict,
+          devices: Optional[Sequence[jax.Device]] = None) -> tuple[Any, Mesh]:
+  """(params on `config.mesh` over `devices` (default: all) with training's shardings, the
+  mesh), for `generate(..., mesh=)`. config.ConfigError if the mesh does not fit them."""
+  setup = build_lib.build(config, devices, abstract=True)
+  return jax.device_put(params, setup.state_sharding.params), setup.mesh
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -143,6 +197,8 @@ def main(argv: Optional[list[str]] = None) -> None:
   parser.add_argument("--top_p", type=float, default=0.95)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
+  parser.add_argument("--one_device", action="store_true",
+                      help="sample on one device instead of the config's mesh")
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.ERROR)  # Orbax's notes on a read-only checkpoint manager
   try:
@@ -155,12 +211,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.num_samples < 1:
       raise SampleError(f"--num_samples={args.num_samples}: must be at least 1")
     params, config = build_lib.restore_params(args.workdir, args.step)
+    if args.one_device:
+      config = build_lib.on_one_device(config)
+    params, mesh = place(params, config, jax.local_devices()[:1] if args.one_device else None)
     tokenizer = tokenizer_lib.load_tokenizer(f"{args.workdir}/tokenizer.model")
     prompts = [tokenizer.encode(t) for t in texts for _ in range(args.num_samples)]
     samples = generate(params, config, prompts, args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       seed=args.seed, eos_id=tokenizer.eos_id())
-  except (SampleError, checkpoint_lib.CheckpointError, OSError) as e:
+                       seed=args.seed, eos_id=tokenizer.eos_id(), mesh=mesh)
+  except (SampleError, config_lib.ConfigError, checkpoint_lib.CheckpointError, OSError) as e:
     sys.exit(f"error: {e}")
   for prompt, sample in zip(prompts, samples):
     print(tokenizer.decode(prompt + sample))

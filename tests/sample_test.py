@@ -2,6 +2,7 @@
 
 import subprocess
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,7 @@ from mixtral_jax.model import Mixtral
 
 def _model_and_params(config):
   model = Mixtral(config_lib.model_config(config.model, "cpu"))
-  params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))["params"]
+  params = nn.unbox(model.init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))["params"])
   return model, params
 
 
@@ -39,6 +40,24 @@ def test_greedy_with_the_cache_equals_recomputing_every_step(tiny_config, window
   got = sample.generate(params, config, prompts, 12)
   for prompt, tokens in zip(prompts, got):
     assert tokens == _greedy_by_recomputing(model, params, prompt, 12)
+
+
+@pytest.mark.parametrize("mesh", [dict(data=-1, fsdp=2, expert=2, tensor=1),
+                                  dict(data=1, fsdp=1, expert=4, tensor=2)])
+def test_sampling_on_the_configs_mesh_equals_one_device(tiny_config, mesh):
+  config = tiny_config(seq_len=64)
+  _, params = _model_and_params(config)
+  prompts = [[5, 6, 7, 8, 9], [9, 10], [11]]  # 3 rows: padded to the batch's split
+  one_device = sample.generate(params, config, prompts, 10)
+  config.mesh.update(mesh)
+  placed, on_mesh = sample.place(params, config, jax.devices()[:8])
+  assert on_mesh.shape["expert"] == mesh["expert"]
+  experts = placed["layer_0"]["moe"]["experts"]["gate_up"]
+  assert experts.sharding.shard_shape(experts.shape)[0] == 4 // mesh["expert"]
+  assert sample.generate(placed, config, prompts, 10, mesh=on_mesh) == one_device
+  assert sample.generate(placed, config, prompts, 10, temperature=1.0, seed=2,
+                         mesh=on_mesh) == sample.generate(params, config, prompts, 10,
+                                                          temperature=1.0, seed=2)
 
 
 def test_sampling_is_reproducible_and_its_limits_are_greedy(tiny_config):
@@ -117,7 +136,7 @@ def test_mixtral_sample_continues_a_prompt_from_a_checkpoint(tmp_path, train_com
   texts = greedy.stdout.split("-" * 40 + "\n")[:-1]
   assert len(texts) == 2 and texts[0].startswith("def f(x):") and texts[1].startswith("return")
   assert run("--prompt=def f(x):", "--prompt=return", "--max_new_tokens=8", "--temperature=0",
-             "--top_k=5").stdout == greedy.stdout  # top_k does not change the argmax
+             "--top_k=5", "--one_device").stdout == greedy.stdout  # nor do top_k and the mesh
   for flags, message in (
       (["--prompt="], "error: a prompt is empty; give at least one token of text"),
       (["--prompt=x", "--top_p=0"], "error: --top_p=0.0: must be in (0, 1]"),
