@@ -21,6 +21,7 @@ from mixtral_jax import cpu_runtime
 from mixtral_jax import distributed
 from mixtral_jax import files
 from mixtral_jax import interrupt
+from mixtral_jax import metrics as metrics_lib
 from mixtral_jax import sources
 from mixtral_jax import train
 
@@ -99,7 +100,7 @@ def main(argv) -> None:
     raise SystemExit(128 + e.signum) from None  # the shell's code for death by that signal
   except (config_lib.ConfigError, checkpoint_lib.CheckpointError, sources.DataError,
           distributed.DistributedError, files.DirectoryError, files.LockedError,
-          train.NonFiniteError) as e:
+          metrics_lib.MetricsError, train.NonFiniteError) as e:
     _fail(f"error: {e}", several=given is not None)
   except Exception as e:
     if given is None:

@@ -53,6 +53,10 @@ def scalars(record: Mapping[str, Any]) -> dict[str, float]:
   return tags
 
 
+class MetricsError(RuntimeError):
+  """Writing metrics failed (e.g. a full disk); the message names the workdir and why."""
+
+
 class MetricsWriter:
   """Appends `{"step": …, name: value, …}` lines to WORKDIR/metrics.jsonl and writes the same
   values (`scalars`) to TensorBoard event files in WORKDIR/tensorboard.
@@ -62,6 +66,7 @@ class MetricsWriter:
   """
 
   def __init__(self, workdir: str, enabled: bool = True):
+    self.workdir = workdir
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.enabled = enabled
     self._board_dir = os.path.join(workdir, "tensorboard")
@@ -72,14 +77,17 @@ class MetricsWriter:
     if not self.enabled:
       return
     record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-    if self._board is None:
-      # purge_step: TensorBoard drops the events a resumed run logs again.
-      self._board = SummaryWriter(self._board_dir, purge_step=self._purge_step)
-    for tag, value in scalars(record).items():
-      self._board.add_scalar(tag, value, step)
-    self._board.flush()
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+      if self._board is None:
+        # purge_step: TensorBoard drops the events a resumed run logs again.
+        self._board = SummaryWriter(self._board_dir, purge_step=self._purge_step)
+      for tag, value in scalars(record).items():
+        self._board.add_scalar(tag, value, step)
+      self._board.flush()
+    except OSError as e:
+      raise MetricsError(f"writing metrics in {self.workdir} failed ({e.strerror or e})") from None
 
   def truncate(self, last_step: int) -> None:
     """Drops the records after `last_step`, which a run resumed from there logs again (and a

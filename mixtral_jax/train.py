@@ -214,7 +214,12 @@ def _train(setup: build_lib.Setup, workdir: str, stop_at_step: Optional[int],
     _check_finite(streak, step, config, checkpointer)
     logged["tokens_per_sec"] = tokens_per_step / seconds_per_step
     logged.update(evaluated)
-    writer.write(step, logged)
+    try:
+      writer.write(step, logged)
+    except metrics_lib.MetricsError as e:
+      complete = checkpoint_lib.Checkpointer(workdir, read_only=True).latest_step()
+      raise metrics_lib.MetricsError(
+          f"{e}; the last complete checkpoint is step {complete}") from None
     # The first step's time is mostly compilation: no ETA from it.
     progress.show(step, float(logged["loss"]), logged["tokens_per_sec"],
                   seconds_per_step if step > start_step + 1 else None)

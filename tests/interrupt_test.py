@@ -100,8 +100,9 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(
     assert result.returncode == 1, result.stderr[-2000:]
     # Orbax's and TensorStore's threads may still print their own lines (even tracebacks) as
     # the process exits; the run's own report is one line.
-    pattern = (rf"error: saving a checkpoint in {workdir}/checkpoints failed \(.+\); the last "
-               rf"complete checkpoint is step (\d+)")
+    # The disk fills during a checkpoint save or a metrics write, whichever comes first.
+    pattern = (rf"error: (?:saving a checkpoint in {workdir}/checkpoints|writing metrics in "
+               rf"{workdir}) failed \(.+\); the last complete checkpoint is step (\d+)")
     found = [m for m in (re.fullmatch(pattern, line) for line in result.stderr.splitlines()) if m]
     assert len(found) == 1, result.stderr[-3000:]
     match = found[0]
