@@ -8,6 +8,7 @@ Training writes them into its workdir when it ends.
 """
 
 import argparse
+import io
 import math
 import os
 import sys
@@ -17,6 +18,7 @@ import matplotlib
 import numpy as np
 
 from mixtral_jax import metrics as metrics_lib
+from mixtral_jax.files import write_atomically
 
 matplotlib.use("Agg")  # files only; no display on a training host
 import matplotlib.colors  # noqa: E402
@@ -26,6 +28,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 class PlotError(ValueError):
   """Nothing to plot; the message names the workdir."""
+
+
+def save_png(figure, path: str) -> None:
+  """Writes `figure` to `path` as a PNG that readers never see half-drawn, and closes it."""
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png", dpi=110)
+  plt.close(figure)
+  write_atomically(path, buffer.getvalue())
 
 
 def plot_losses(records: list[dict[str, Any]], path: str) -> None:
@@ -40,8 +50,7 @@ def plot_losses(records: list[dict[str, Any]], path: str) -> None:
   axes.grid(alpha=0.3)
   axes.legend()
   figure.tight_layout()
-  figure.savefig(path, dpi=110)
-  plt.close(figure)
+  save_png(figure, path)
 
 
 def plot_expert_load(records: list[dict[str, Any]], path: str) -> None:
@@ -73,8 +82,7 @@ def plot_expert_load(records: list[dict[str, Any]], path: str) -> None:
                                                     f"{norm.vmax:.2f}"])
   bar.ax.axhline(balanced, color="black", linewidth=1.5)
   figure.suptitle("Expert load per layer (white = balanced)")
-  figure.savefig(path, dpi=110)
-  plt.close(figure)
+  save_png(figure, path)
 
 
 def write(workdir: str, out: Optional[str] = None) -> list[str]:
@@ -90,9 +98,7 @@ def write(workdir: str, out: Optional[str] = None) -> list[str]:
     if name == "expert_load.png" and not any("expert_load" in r for r in records):
       continue
     path = os.path.join(out, name)
-    partial = os.path.join(out, f".{name}.partial.png")
-    draw(records, partial)
-    os.replace(partial, path)
+    draw(records, path)
     written.append(path)
   return written
 

@@ -7,16 +7,13 @@ import json
 import os
 from typing import Any, Optional
 
-import matplotlib
 import numpy as np
 import optuna
 from optuna.trial import TrialState
 
 from mixtral_jax import metrics as metrics_lib
 from mixtral_jax.files import write_atomically
-
-matplotlib.use("Agg")  # files only; no display on a training host
-import matplotlib.pyplot as plt  # noqa: E402
+from mixtral_jax.plot import plt, save_png
 
 # Order of the states after the completed trials.
 _STATE_ORDER = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1, TrialState.RUNNING: 2,
@@ -41,15 +38,16 @@ def space(study: optuna.Study) -> dict[str, Any]:
                                         "direction": "minimize"})
 
 
-def rows(study: optuna.Study, workdir: str) -> list[dict[str, Any]]:
+def rows(study: optuna.Study, records_of: dict[int, list[dict]]) -> list[dict[str, Any]]:
   """One dict per trial: trial, state, each swept field, final eval loss, CE, aux loss, dropped
   fraction, tokens/s (median of the logged intervals after the first, which compiles), steps,
-  wall seconds and the reason a trial failed or was pruned; best first."""
+  wall seconds and the reason a trial failed or was pruned; best first. `records_of`: trial
+  number → the records of its metrics.jsonl."""
   described = space(study)
   objective, fields = described["objective"], list(described["params"])
   table = []
   for trial in study.get_trials(deepcopy=False):
-    records = _records(workdir, trial.number)
+    records = records_of.get(trial.number, [])  # none yet for a trial begun since
     speeds = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r][1:]
     row = {"trial": trial.number, "state": trial.state.name.lower()}
     row.update({field: trial.params.get(field, trial.system_attrs.get("fixed_params", {}).get(
@@ -106,12 +104,13 @@ def _label(row: dict[str, Any], fields: list[str]) -> str:
   return f"trial {row['trial']}: " + ", ".join(f"{f.split('.')[-1]}={row[f]}" for f in fields)
 
 
-def plot_curves(study: optuna.Study, workdir: str, table: list[dict[str, Any]], path: str) -> None:
-  """Eval loss against step, one line per trial."""
+def plot_curves(study: optuna.Study, records_of: dict[int, list[dict]],
+                table: list[dict[str, Any]], path: str) -> None:
+  """Eval loss against step, one line per trial (`records_of` as in `rows`)."""
   fields = list(space(study)["params"])
   figure, axes = plt.subplots(figsize=(7, 4.5))
   for row in sorted(table, key=lambda r: r["trial"]):
-    points = [(r["step"], r["eval_loss"]) for r in _records(workdir, row["trial"])
+    points = [(r["step"], r["eval_loss"]) for r in records_of.get(row["trial"], [])
               if "eval_loss" in r]
     if points:
       steps, losses = zip(*points)
@@ -122,8 +121,7 @@ def plot_curves(study: optuna.Study, workdir: str, table: list[dict[str, Any]], 
   if axes.lines:
     axes.legend(fontsize=7)
   figure.tight_layout()
-  figure.savefig(path, dpi=110)
-  plt.close(figure)
+  save_png(figure, path)
 
 
 def plot_by_field(study: optuna.Study, table: list[dict[str, Any]], path: str) -> None:
@@ -150,19 +148,16 @@ def plot_by_field(study: optuna.Study, table: list[dict[str, Any]], path: str) -
     axis.grid(alpha=0.3)
   figure.suptitle(f"Final {objective} by swept field")
   figure.tight_layout()
-  figure.savefig(path, dpi=110)
-  plt.close(figure)
+  save_png(figure, path)
 
 
 def write(study: optuna.Study, workdir: str) -> list[dict[str, Any]]:
   """Writes results.csv, results.md, eval_loss_curves.png and objective_by_field.png in
   `workdir`; returns the rows."""
-  table = rows(study, workdir)
+  records_of = {t.number: _records(workdir, t.number) for t in study.get_trials(deepcopy=False)}
+  table = rows(study, records_of)
   write_atomically(os.path.join(workdir, "results.csv"), to_csv(table).encode())
   write_atomically(os.path.join(workdir, "results.md"), to_markdown(table).encode())
-  for name, draw in (("eval_loss_curves.png", lambda p: plot_curves(study, workdir, table, p)),
-                     ("objective_by_field.png", lambda p: plot_by_field(study, table, p))):
-    partial = os.path.join(workdir, f".{name}.partial.png")
-    draw(partial)
-    os.replace(partial, os.path.join(workdir, name))
+  plot_curves(study, records_of, table, os.path.join(workdir, "eval_loss_curves.png"))
+  plot_by_field(study, table, os.path.join(workdir, "objective_by_field.png"))
   return table
