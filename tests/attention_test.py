@@ -47,6 +47,7 @@ def test_kernel_equals_the_reference_values_and_gradients(kernel, sliding_window
   assert not np.allclose(out[0, 150:160], unmasked[0, 150:160], atol=1e-3)
 
 
+@pytest.mark.slow  # fast: splash equals the reference
 def test_splash_on_a_mesh_in_the_model_equals_the_blocked_attention():
   """Through the model on 8 devices, heads split over `tensor`: the shard_map'd kernel."""
   model = default.get_config().model

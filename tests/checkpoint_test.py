@@ -79,6 +79,7 @@ def _run_and_kill(args, env, at_line, repo):
   assert proc.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow  # fast: a damaged latest checkpoint is set aside
 def test_kill_9_resumes_from_last_complete_checkpoint(tmp_path, train_command, digest, metrics,
                                                       repo):
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
@@ -212,6 +213,7 @@ def test_resuming_with_other_data_or_optimizer_structure_is_refused(
   assert {k: v for k, v in digest(workdir).items() if k != ".lock"} == saved
 
 
+@pytest.mark.slow  # fast: interrupt_test's resume
 def test_resuming_with_another_schedule_warns_and_continues(tmp_path, tiny_config, caplog):
   config = tiny_config(num_train_steps=2)
   workdir = str(tmp_path / "run")

@@ -214,6 +214,7 @@ def test_bad_hf_directories_give_one_line_errors(tmp_path, capsys):
     assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
 
 
+@pytest.mark.slow  # fast: the CLI round trips
 def test_training_resumes_from_an_imported_hf_model(tmp_path, tiny_config):
   # Our export (with its tokenizer) stands in for a released HF model of the same vocabulary.
   config = tiny_config(num_train_steps=8)
@@ -301,6 +302,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 """
 
 
+@pytest.mark.slow  # a memory check
 def test_conversions_hold_about_one_copy_of_the_parameters(tmp_path, repo):
   # glibc keeps freed buffers under 32 MB (every tensor of this model) cached in its arenas,
   # which RSS would count; a real model's tensors are larger, so mapped and unmapped. A fixed

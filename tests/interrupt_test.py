@@ -21,7 +21,8 @@ def _start(args, env, repo, until: str) -> subprocess.Popen:
   raise AssertionError(f"never printed {until!r}: {proc.stderr.read()[-2000:]}")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM,
+                                    pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_a_signal_saves_at_the_next_step_and_a_rerun_resumes(tmp_path, train_command, digest,
                                                             metrics, repo, signum):
   steps = lambda run: [r["step"] for r in metrics(run)]
@@ -57,6 +58,7 @@ def test_a_signal_saves_at_the_next_step_and_a_rerun_resumes(tmp_path, train_com
   assert digest(os.path.join(checkpoints, str(step))) == saved
 
 
+@pytest.mark.slow  # fast: the signal tests
 def test_a_second_run_on_a_busy_workdir_is_refused_and_a_dead_ones_lock_is_not(
     tmp_path, train_command, digest, repo):
   workdir = str(tmp_path / "run")
@@ -114,12 +116,17 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(
 
 def test_a_second_ctrl_c_aborts_at_once():
   # In this process: the loop's CLI runs finish their step too fast to be signalled twice.
+  # Python's own SIGINT handler, as in a CLI process (a test worker may have set another).
+  outer = signal.signal(signal.SIGINT, signal.default_int_handler)
   before = signal.getsignal(signal.SIGTERM)
-  with interrupt.StopRequests() as stops:
-    os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(0.1)  # Python runs the handler between bytecodes
-    assert stops.received == signal.SIGINT
-    with pytest.raises(KeyboardInterrupt):
+  try:
+    with interrupt.StopRequests() as stops:
       os.kill(os.getpid(), signal.SIGINT)
-      time.sleep(1)
-  assert signal.getsignal(signal.SIGTERM) == before  # the first signal restored both
+      time.sleep(0.1)  # Python runs the handler between bytecodes
+      assert stops.received == signal.SIGINT
+      with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    assert signal.getsignal(signal.SIGTERM) == before  # the first signal restored both
+  finally:
+    signal.signal(signal.SIGINT, outer)

@@ -111,6 +111,7 @@ def test_two_processes_train_as_one(tmp_path, launch_command, mesh, dispatch):
   assert not (two / "logs" / "process_1.log").read_text().count("Traceback")
 
 
+@pytest.mark.slow  # fast: interrupt_test on one process
 def test_sigterm_saves_one_checkpoint_at_a_common_step_and_the_rerun_equals_a_straight_run(
     tmp_path, launch_command):
   straight = tmp_path / "straight"
@@ -162,7 +163,8 @@ def test_a_killed_process_stops_the_others_in_one_line_and_the_rerun_resumes(
   assert f"resuming from checkpoint at step {last}" in _log(run, 0)
 
 
-@pytest.mark.parametrize("before,after", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("before,after", [pytest.param(2, 1, marks=pytest.mark.slow),
+                                          pytest.param(1, 2, marks=pytest.mark.slow)])
 def test_resuming_on_another_process_count_continues_the_loss_curve(tmp_path, launch_command,
                                                                    before, after):
   straight = tmp_path / "straight"

@@ -217,6 +217,7 @@ def test_a_grid_runs_in_two_workers_and_writes_its_results(tmp_path, repo, sweep
   assert status.stdout == table
 
 
+@pytest.mark.slow  # fast: the grid in two workers
 def test_a_killed_sweep_resumes_its_trial_from_the_checkpoint(tmp_path, repo, sweep_file,
                                                               train_command):
   config = sweep_file('{"model.experts_per_token": [1, 2]}')
@@ -294,6 +295,7 @@ def test_two_drivers_share_one_study(tmp_path, repo, sweep_file):
   assert [r["state"] for r in _csv(workdir)] == ["complete"] * 4
 
 
+@pytest.mark.slow  # fast: the grid in two workers
 def test_on_a_pod_every_trial_trains_on_the_whole_mesh(tmp_path, repo, sweep_file):
   # 2 processes × 2 CPU devices through launch/local.sh: one study (process 0's), each trial
   # one 2-process mixtral-train on the 4-device mesh.
