@@ -6,7 +6,8 @@ process and reads its `--save`d report:
   expert 4, bf16, remat, scanned layers) in each dispatch: padded and ragged dropless, capacity
   1.0 and 1.25;
 - v6e-256 at MaxText's published Mixtral 8x7B setting: 32 sequences of 1024 tokens per chip,
-  full remat, FSDP over all 256 chips (also at 16 per chip, and as 2 micro-batches of 16);
+  full remat, FSDP over all 256 chips (also with the experts' width in 8 slices, in capacity
+  1.25, at 16 per chip, and as 2 micro-batches of 16);
 - compile time with and without `scan_layers` at 4 and 32 layers. The unrolled rows take one
   sequence per chip and compute the loss from full logits, so that no loop is left in the
   program and XLA's FLOP count (which takes a loop body once) covers the whole step: they give
@@ -50,6 +51,10 @@ CASES = [  # (name, config file, topology, --config overrides)
     ("capacity 1.25", MIXTRAL, "v5p-128", ["--config.model.dispatch=capacity",
                                            "--config.model.capacity_factor=1.25"]),
     ("MaxText setting, dropless", MIXTRAL, "v6e-256", maxtext_v6e()),
+    ("MaxText setting, dropless, width in 8 slices", MIXTRAL, "v6e-256",
+     maxtext_v6e() + ["--config.model.expert_mlp_chunks=8"]),
+    ("MaxText setting, capacity 1.25", MIXTRAL, "v6e-256",
+     maxtext_v6e() + ["--config.model.dispatch=capacity", "--config.model.capacity_factor=1.25"]),
     ("MaxText setting, 16 per chip", MIXTRAL, "v6e-256", maxtext_v6e(16)),
     ("MaxText setting, 2 micro-batches", MIXTRAL, "v6e-256",
      maxtext_v6e() + ["--config.grad_accum_steps=2"]),

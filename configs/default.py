@@ -84,6 +84,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Rows per block of the dropless layout; each expert's group is padded to a multiple of it.
   # Larger blocks pad more but run faster matmuls (benchmarks/README.md, levers table).
   model.block_size = 256
+  # The experts' SwiGLU over this many slices of its intermediate width in turn: the same
+  # result, with one slice's gathered weights, gradients and activations live at a time (for
+  # accelerator memory at FSDP scale; 1 = the whole width at once).
+  model.expert_mlp_chunks = 1
   # Expert-parallel token exchange for dropless: "padded" (any backend) or "ragged" (GPU/TPU).
   model.all_to_all = "padded"
   # Weight of the Switch load-balancing loss (balanced routing gives experts_per_token).

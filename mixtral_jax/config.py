@@ -35,7 +35,8 @@ def _require(ok: bool, field: str, message: str) -> None:
 def validate_model(model: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first invalid field of `config.model`."""
   for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-               "num_kv_heads", "head_dim", "num_experts", "experts_per_token", "block_size"):
+               "num_kv_heads", "head_dim", "num_experts", "experts_per_token", "block_size",
+               "expert_mlp_chunks"):
     value = model[name]
     _require(isinstance(value, int) and value > 0, f"model.{name}",
              f"must be a positive integer, got {value!r}")
@@ -152,6 +153,10 @@ def validate_mesh(config: ml_collections.ConfigDict, num_devices: int) -> None:
   for name in ("num_kv_heads", "num_heads", "intermediate_size", "vocab_size"):
     _require(model[name] % tensor == 0, f"model.{name}",
              f"{model[name]} is not divisible by mesh.tensor={tensor}")
+  _require(model.intermediate_size // tensor % model.expert_mlp_chunks == 0,
+           "model.expert_mlp_chunks",
+           f"{model.expert_mlp_chunks} does not divide the experts' width per tensor shard "
+           f"({model.intermediate_size} / mesh.tensor={tensor})")
   _require(model.hidden_size % fsdp == 0, "model.hidden_size",
            f"{model.hidden_size} is not divisible by mesh.fsdp={fsdp}")
 

@@ -45,7 +45,15 @@ def _ragged_exchange(x, send_sizes, recv_sizes, fill):
                                    recv_sizes, axis_name=_EXPERT_AXIS)
 
 
-def _capacity_local(tokens, expert_index, combine_weights, gate_up, down, capacity_factor):
+def _gather_weights(gate_up, down):
+  """The experts' FSDP shards → whole weights (the backward pass reduce-scatters their
+  gradients)."""
+  return (jax.lax.all_gather(gate_up, _FSDP_AXIS, axis=1, tiled=True),
+          jax.lax.all_gather(down, _FSDP_AXIS, axis=2, tiled=True))
+
+
+def _capacity_local(tokens, expert_index, combine_weights, gate_up, down, capacity_factor,
+                    chunks):
   n, k = expert_index.shape
   ep = jax.lax.axis_size(_EXPERT_AXIS)
   e_local, hidden = gate_up.shape[0], tokens.shape[1]
@@ -53,13 +61,14 @@ def _capacity_local(tokens, expert_index, combine_weights, gate_up, down, capaci
   layout = dispatch_lib.capacity_layout(expert_index, e_local * ep, capacity)
   received = _exchange(dispatch_lib.gather_rows(tokens, layout))  # [ep(src) · E/ep · C, D]
   by_expert = received.reshape(ep, e_local, capacity, hidden).swapaxes(0, 1)
-  out = apply_experts(by_expert.reshape(-1, hidden), gate_up, down, "batched")
+  out = apply_experts(by_expert.reshape(-1, hidden), gate_up, down, "batched", chunks=chunks,
+                      gather=_gather_weights)
   out = out.reshape(e_local, ep, capacity, hidden).swapaxes(0, 1).reshape(-1, hidden)
   return dispatch_lib.combine(_exchange(out), layout, combine_weights), layout.dropped_fraction
 
 
 def _dropless_local(tokens, expert_index, combine_weights, gate_up, down, block_size, matmul,
-                    ragged: bool):
+                    ragged: bool, chunks: int):
   n, k = expert_index.shape
   ep = jax.lax.axis_size(_EXPERT_AXIS)
   e_local = gate_up.shape[0]
@@ -83,7 +92,8 @@ def _dropless_local(tokens, expert_index, combine_weights, gate_up, down, block_
   layout = dispatch_lib.dropless_layout(
       received_expert[:, None], e_local,
       dispatch_lib.dropless_block_size(block_size, n * k, e_local))
-  out = apply_experts(dispatch_lib.gather_rows(received, layout), gate_up, down, matmul, layout)
+  out = apply_experts(dispatch_lib.gather_rows(received, layout), gate_up, down, matmul, layout,
+                      chunks, _gather_weights)
   out = dispatch_lib.combine(out, layout, jnp.ones((received.shape[0], 1), out.dtype))
   return (dispatch_lib.combine(back(out), send_layout, combine_weights),
           jnp.zeros((), jnp.float32))
@@ -101,15 +111,14 @@ def expert_parallel_moe(tokens, expert_index, combine_weights, gate_up, down,
   down_spec = sharding.logical_to_spec(DOWN_AXES)
 
   def local(tokens, expert_index, combine_weights, gate_up, down):
-    gate_up = jax.lax.all_gather(gate_up, _FSDP_AXIS, axis=1, tiled=True)
-    down = jax.lax.all_gather(down, _FSDP_AXIS, axis=2, tiled=True)
     if config.dispatch == "capacity":
       out, dropped = _capacity_local(tokens, expert_index, combine_weights, gate_up, down,
-                                     config.capacity_factor)
+                                     config.capacity_factor, config.expert_mlp_chunks)
     else:
       out, dropped = _dropless_local(tokens, expert_index, combine_weights, gate_up, down,
                                      config.block_size, config.grouped_matmul,
-                                     ragged=config.all_to_all == "ragged")
+                                     ragged=config.all_to_all == "ragged",
+                                     chunks=config.expert_mlp_chunks)
     return (jax.lax.psum(out, _TENSOR_AXIS),
             jax.lax.pmean(dropped, sharding.BATCH_AXES))
 

@@ -36,7 +36,8 @@ def single_device_moe(tokens, routing: router_lib.Routing, gate_up, down,
     block_size = dispatch_lib.dropless_block_size(config.block_size, num_tokens * k, num_experts)
     layout = dispatch_lib.dropless_layout(routing.expert_index, num_experts, block_size)
     matmul = config.grouped_matmul
-  rows = apply_experts(dispatch_lib.gather_rows(tokens, layout), gate_up, down, matmul, layout)
+  rows = apply_experts(dispatch_lib.gather_rows(tokens, layout), gate_up, down, matmul, layout,
+                       config.expert_mlp_chunks)
   return dispatch_lib.combine(rows, layout, routing.combine_weights), layout.dropped_fraction
 
 

@@ -60,13 +60,19 @@ def single_device_run(dispatch):
 
 
 # Dropless on every mesh; capacity (the same exchange with fixed-size buffers) on pure expert
-# parallelism and on the mesh that also splits fsdp and tensor.
-@pytest.mark.parametrize("mesh_shape,dispatch",
-                         [(mesh, "dropless") for mesh in MESHES] +
-                         [(MESHES[0], "capacity"), (MESHES[3], "capacity")])
-def test_expert_parallel_equals_single_device(mesh_shape, dispatch):
+# parallelism and on the mesh that also splits fsdp and tensor; there too the experts' width in
+# 3 slices, each gathered from its FSDP shards (ragged_dot and capacity's batched matmul).
+@pytest.mark.parametrize("mesh_shape,dispatch,model",
+                         [(mesh, "dropless", {}) for mesh in MESHES] +
+                         [(MESHES[0], "capacity", {}), (MESHES[3], "capacity", {}),
+                          (MESHES[3], "capacity", {"expert_mlp_chunks": 3}),
+                          (MESHES[3], "dropless", {"expert_mlp_chunks": 3,
+                                                   "grouped_matmul": "ragged_dot"})])
+def test_expert_parallel_equals_single_device(mesh_shape, dispatch, model):
   loss1, metrics1, grads1, losses1 = single_device_run(dispatch)
-  loss8, metrics8, grads8, losses8 = run(tiny_config(mesh_shape, dispatch), jax.devices(), 20)
+  config = tiny_config(mesh_shape, dispatch)
+  config.model.update(model)
+  loss8, metrics8, grads8, losses8 = run(config, jax.devices(), 20)
   if dispatch == "capacity":  # counted per shard (dropless reports a constant 0)
     assert float(metrics8["dropped_fraction"]) == float(metrics1["dropped_fraction"]) == 0.0
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
@@ -144,6 +150,15 @@ def test_experts_and_batch_divisibility_errors():
   config = tiny_config((8, 1, 1, 1))
   config.global_batch_size = 12
   with pytest.raises(config_lib.ConfigError, match=r"^config\.global_batch_size: 12"):
+    config_lib.validate(config, 8)
+  config = tiny_config((1, 2, 2, 2))  # intermediate 48: 24 per tensor shard
+  config.model.expert_mlp_chunks = 5
+  with pytest.raises(config_lib.ConfigError, match=r"^config\.model\.expert_mlp_chunks: 5 does "
+                                                   r"not divide the experts' width per tensor"):
+    config_lib.validate(config, 8)
+  config.model.expert_mlp_chunks = 0
+  with pytest.raises(config_lib.ConfigError, match=r"^config\.model\.expert_mlp_chunks: must be "
+                                                   r"a positive integer"):
     config_lib.validate(config, 8)
 
 

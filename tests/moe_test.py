@@ -15,11 +15,12 @@ from mixtral_jax.moe import MoE
 NUM_EXPERTS, K, HIDDEN, INTER = 8, 2, 32, 48
 
 
-def moe_and_params(dispatch_mode, gmm="blocked", capacity_factor=8.0, block_size=16, seed=0):
+def moe_and_params(dispatch_mode, gmm="blocked", capacity_factor=8.0, block_size=16, seed=0,
+                   chunks=1):
   model = default.get_config().model
   model.update(num_experts=NUM_EXPERTS, experts_per_token=K, intermediate_size=INTER,
                dispatch=dispatch_mode, capacity_factor=capacity_factor, block_size=block_size,
-               grouped_matmul=gmm)
+               grouped_matmul=gmm, expert_mlp_chunks=chunks)
   module = MoE(config_lib.model_config(model, "cpu"))
   x = jax.random.normal(jax.random.PRNGKey(seed), (3, 40, HIDDEN))
   params = nn.unbox(module.init(jax.random.PRNGKey(seed + 1), x))["params"]
@@ -28,11 +29,15 @@ def moe_and_params(dispatch_mode, gmm="blocked", capacity_factor=8.0, block_size
   return module, params, x
 
 
-@pytest.mark.parametrize("dispatch_mode,gmm", [("dropless", "blocked"),
-                                               ("dropless", "ragged_dot"),
-                                               ("capacity", "blocked")])
-def test_dispatch_matches_dense_oracle(dispatch_mode, gmm):
-  module, params, x = moe_and_params(dispatch_mode, gmm)
+# chunks: the experts' width in 3 slices (expert_mlp_chunks), each path.
+@pytest.mark.parametrize("dispatch_mode,gmm,chunks", [("dropless", "blocked", 1),
+                                                      ("dropless", "ragged_dot", 1),
+                                                      ("capacity", "blocked", 1),
+                                                      ("dropless", "blocked", 3),
+                                                      ("dropless", "ragged_dot", 3),
+                                                      ("capacity", "blocked", 3)])
+def test_dispatch_matches_dense_oracle(dispatch_mode, gmm, chunks):
+  module, params, x = moe_and_params(dispatch_mode, gmm, chunks=chunks)
   sparse = jax.jit(lambda p, x: module.apply({"params": p}, x)[0])
   dense = jax.jit(lambda p, x: oracle.dense_moe(p, x, K))
   np.testing.assert_allclose(sparse(params, x), dense(params, x), atol=1e-5, rtol=1e-5)
