@@ -144,8 +144,15 @@ def _one_line(report: bytes, heartbeat_timeout: str, init_timeout: str, coordina
     return (f"error: cannot join the run's processes through {coordinator} within "
             f"--distributed_init_timeout={init_timeout} s: is every process started, with the "
             "same --num_processes, and is the coordinator reachable from here?")
-  lost = re.search(rb"stopped sending heartbeats\):\s*([\d, ]+)", report)
-  who = f"process {lost[1].decode().strip()}" if lost else "another process (or the coordinator)"
+  return lost_peer_line(report.decode(errors="replace"), heartbeat_timeout)
+
+
+def lost_peer_line(report: str, heartbeat_timeout) -> str:
+  """The one line for a peer that stopped sending heartbeats, named from the service's `report`
+  (its fatal report, or a barrier's error that met the loss first)."""
+  lost = (re.search(r"stopped sending heartbeats\):\s*([\d, ]+)", report) or
+          re.search(r"Task (\d+) heartbeat timeout", report))
+  who = f"process {lost[1].strip()}" if lost else "another process (or the coordinator)"
   return (f"error: {who} of this run stopped (died, or no heartbeat for "
           f"--heartbeat_timeout={heartbeat_timeout} s); this process stops too. {LOST_PEER}")
 

@@ -109,6 +109,9 @@ def main(argv) -> None:
     if isinstance(e, jax.errors.JaxRuntimeError) and ("Gloo" in reason or "onnection" in reason):
       _fail(f"error: a collective with another process of this run broke off ({reason}): that "
             f"process probably died; this one stops too. {distributed.LOST_PEER}", several=True)
+    if isinstance(e, jax.errors.JaxRuntimeError) and "heartbeat timeout" in reason:
+      # A barrier (e.g. Orbax's) met the lost peer before the service's own fatal report.
+      _fail(distributed.lost_peer_line(reason, _HEARTBEAT_TIMEOUT.value), several=True)
     traceback.print_exc()
     _fail("", several=True)
 

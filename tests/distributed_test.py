@@ -121,3 +121,14 @@ def test_the_filter_turns_gloos_abort_into_one_line():
       "error: a collective with another process of this run broke off (gloo: "
       "op.preamble.length <= op.nbytes. 2560 vs 4.): that process probably died; this one "
       "stops too. Complete checkpoints are kept: rerun every process to resume."]
+
+
+def test_a_barrier_that_meets_a_lost_peer_names_it_in_the_same_line():
+  # Orbax's barrier can see the loss before the service's fatal report (a loaded machine).
+  barrier = ("INTERNAL: Barrier failed because: task is set to ERROR: UNAVAILABLE: Task 1 "
+             "heartbeat timeout. This indicates that the remote task has failed")
+  fatal = "UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):\n1\n"
+  line = distributed.lost_peer_line(barrier, 5)
+  assert line == distributed.lost_peer_line(fatal, 5)
+  assert line.startswith("error: process 1 of this run stopped (died, or no heartbeat for "
+                         "--heartbeat_timeout=5 s)")
