@@ -3,10 +3,22 @@ TensorBoard scalars in tensorboard/, and a console progress line."""
 
 import json
 import os
+import sys
 from typing import Any, Mapping, Optional
 
 import numpy as np
-from tensorboardX import SummaryWriter
+
+# tensorboardX imports PyTorch whenever it is installed, for a type check on tensors we never
+# pass (numpy only): 4 s of every start-up here. A None entry in sys.modules makes that one
+# import fail as if torch were absent; a torch already loaded is left as it is.
+_HIDE_TORCH = "torch" not in sys.modules
+if _HIDE_TORCH:
+  sys.modules["torch"] = None
+try:
+  from tensorboardX import SummaryWriter  # noqa: E402
+finally:
+  if _HIDE_TORCH:
+    del sys.modules["torch"]
 
 from mixtral_jax.files import write_atomically
 

@@ -1,6 +1,10 @@
 """Test setup and shared fixtures.
 
-8 simulated CPU devices, configured before JAX initialises its backend. Compiled programs are
+8 simulated CPU devices, configured before JAX initialises its backend; CLI runs the tests start
+keep the same XLA flags but for the device count (`cpu_env`). The tests compile hundreds of tiny
+programs that then run for milliseconds, so XLA:CPU compiles them without LLVM's optimisations:
+that halves the suite's largest cost and leaves the HLO, what the tests check, as it is
+(benchmarks and users compile at the default level). Compiled programs are
 cached on disk for the session (and the CLI runs it starts): many tests compile the same tiny
 train steps, and a cache hit skips XLA's compile, not any computation. pytest-xdist workers
 inherit the directory from the controlling process, which removes it.
@@ -12,8 +16,10 @@ import shutil
 import sys
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+_DEVICES_FLAG = "--xla_force_host_platform_device_count="
+_FLAGS = ("--xla_backend_optimization_level=0", f"{_DEVICES_FLAG}8")
+_inherited = os.environ.get("XLA_FLAGS", "").split()  # an xdist worker's holds _FLAGS already
+os.environ["XLA_FLAGS"] = " ".join(_inherited + [f for f in _FLAGS if f not in _inherited])
 # With libtpu installed (for the TPU compile tests) JAX would look for a TPU first; compile-only
 # TPU devices need none, and several test workers may load libtpu at once.
 os.environ.update(JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
@@ -39,6 +45,18 @@ def pytest_configure(config):
 def pytest_sessionfinish(session, exitstatus):
   if _CACHE_DIR:
     shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
+
+def cpu_env(devices: int) -> dict[str, str]:
+  """The environment for a CLI run on `devices` simulated CPU devices."""
+  return dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace(f"{_DEVICES_FLAG}8",
+                                                                    f"{_DEVICES_FLAG}{devices}"))
+
+
+@pytest.fixture(name="cpu_env")
+def cpu_env_fixture():
+  """cpu_env(devices): `cpu_env`."""
+  return cpu_env
 
 
 @pytest.fixture
@@ -100,7 +118,7 @@ def train_command(train_flags):
   def make(workdir, steps, *flags):
     args = [sys.executable, "-u", "-m", "mixtral_jax.main"] + train_flags(workdir, steps, *flags)
     # One device, as `make train` runs (the tests' own process simulates 8).
-    return args, dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return args, cpu_env(1)
 
   return make
 

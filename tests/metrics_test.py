@@ -3,6 +3,8 @@
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
@@ -75,3 +77,16 @@ def test_scalars_name_each_value():
       "loss": 2.5, "aux_loss/layer_0": 1.0, "aux_loss/layer_1": 2.0,
       "expert_load/layer_0/expert_0": 0.25, "expert_load/layer_0/expert_1": 0.75,
       "expert_load/layer_1/expert_0": 0.5, "expert_load/layer_1/expert_1": 0.5}
+
+
+def test_starting_a_run_leaves_pytorch_unloaded_and_importable(repo):
+  # tensorboardX imports torch whenever it is installed (the dev extra installs it): seconds of
+  # every start-up, for nothing a run uses.
+  script = ("import sys, mixtral_jax.main\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "import torch\n"
+            "print(torch.ones(2).sum().item())\n")
+  out = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["2.0"]

@@ -76,7 +76,9 @@ def test_dry_run_prints_each_process_command(tmp_path, launch_command):
   for i, line in enumerate(lines):
     words = shlex.split(line.removeprefix("+ "))
     assert words[:2] == ["env", "JAX_PLATFORMS=cpu"]
-    assert "XLA_FLAGS=--xla_force_host_platform_device_count=2" in words  # 8 inherited: dropped
+    # The inherited device count (8) is dropped, the other inherited flags are kept.
+    assert ("XLA_FLAGS=--xla_backend_optimization_level=0 "
+            "--xla_force_host_platform_device_count=2") in words
     assert f"JAX_PROCESS_ID={i}" in words and "JAX_NUM_PROCESSES=3" in words
     assert re.fullmatch(r"JAX_COORDINATOR_ADDRESS=127\.0\.0\.1:\d+",
                         next(w for w in words if w.startswith("JAX_COORDINATOR_ADDRESS=")))
