@@ -43,8 +43,8 @@ def _losses(mesh, devices, dispatch, steps=10) -> list[float]:
 @pytest.mark.parametrize("mesh,devices", [
     pytest.param(m, d, marks=[] if m in FAST else [pytest.mark.slow]) for m, d in MESHES])
 def test_a_pod_sized_mesh_starts_and_equals_one_device(mesh, devices, cpu_env):
-  out = subprocess.run([sys.executable, __file__, json.dumps([mesh, devices])], env=cpu_env(devices),
-                       capture_output=True, text=True, timeout=900)
+  out = subprocess.run([sys.executable, __file__, json.dumps([mesh, devices])],
+                       env=cpu_env(devices), capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   for dispatch, (mesh_losses, one_device) in result.items():

@@ -55,18 +55,18 @@ def sweep_file(tmp_path, tiny_config):
   return make
 
 
-def _sweep(repo, *flags, check=True, timeout=600):
+def _sweep(repo, env, *flags, check=True, timeout=600):
   result = subprocess.run([sys.executable, "-m", "mixtral_jax.sweep_main", *flags], cwd=repo,
-                          env=_one_device(), capture_output=True, text=True, timeout=timeout)
+                          env=env, capture_output=True, text=True, timeout=timeout)
   if check:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
   return result
 
 
-def _one_device():
-  # conftest's XLA flags, one device of its eight.
-  return dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8",
-                                                                    "device_count=1"))
+@pytest.fixture
+def one_device(cpu_env):
+  """The environment of a sweep on one CPU device."""
+  return cpu_env(1)
 
 
 def _csv(workdir):
@@ -180,10 +180,11 @@ def test_another_space_in_the_same_workdir_is_refused(tmp_path):
     sweep_lib.open_study(str(tmp_path), sweep_lib.as_sweep({"seed": [0, 1, 2]}))
 
 
-def test_a_grid_runs_in_two_workers_and_writes_its_results(tmp_path, repo, sweep_file):
+def test_a_grid_runs_in_two_workers_and_writes_its_results(tmp_path, repo, sweep_file,
+                                                            one_device):
   config = sweep_file('{"model.num_experts": [2, 4], "model.experts_per_token": [1, 2]}')
   workdir = str(tmp_path / "sweep")
-  result = _sweep(repo, f"--config={config}", f"--workdir={workdir}", "--workers=2",
+  result = _sweep(repo, one_device, f"--config={config}", f"--workdir={workdir}", "--workers=2",
                   "--config.seed=1")
   rows = _csv(workdir)
   assert [r["state"] for r in rows] == ["complete"] * 4
@@ -213,21 +214,22 @@ def test_a_grid_runs_in_two_workers_and_writes_its_results(tmp_path, repo, sweep
   for name in ("eval_loss_curves.png", "objective_by_field.png"):
     with open(os.path.join(workdir, name), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  again = _sweep(repo, f"--config={config}", f"--workdir={workdir}", "--config.seed=1")
+  again = _sweep(repo, one_device, f"--config={config}", f"--workdir={workdir}",
+                 "--config.seed=1")
   assert "started" not in again.stdout and table in again.stdout  # nothing runs twice
-  status = _sweep(repo, "status", workdir)
+  status = _sweep(repo, one_device, "status", workdir)
   assert status.stdout == table
 
 
 @pytest.mark.slow  # fast: the grid in two workers
 def test_a_killed_sweep_resumes_its_trial_from_the_checkpoint(tmp_path, repo, sweep_file,
-                                                              train_command):
+                                                              one_device, train_command):
   config = sweep_file('{"model.experts_per_token": [1, 2]}')
   workdir = str(tmp_path / "sweep")
   flags = [f"--config={config}", f"--workdir={workdir}", "--config.num_train_steps=10",
            "--poll_seconds=0.2"]
   driver = subprocess.Popen([sys.executable, "-m", "mixtral_jax.sweep_main", *flags], cwd=repo,
-                            env=_one_device(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=one_device, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   metrics = os.path.join(workdir, "trial_0", "metrics.jsonl")
   deadline = time.monotonic() + 300
   while not (os.path.exists(metrics) and max(_losses(os.path.dirname(metrics)), default=0) >= 3):
@@ -235,7 +237,7 @@ def test_a_killed_sweep_resumes_its_trial_from_the_checkpoint(tmp_path, repo, sw
     time.sleep(0.1)
   driver.kill()  # kill -9: no handler runs; the trial's process gets SIGTERM from the kernel
   driver.wait()
-  result = _sweep(repo, *flags)
+  result = _sweep(repo, one_device, *flags)
   assert "trial 0 (model.experts_per_token=1) was interrupted; resuming it" in result.stdout
   log = _log(workdir, 0)
   assert "stopped by SIGTERM" in log and "resuming from checkpoint at step" in log, log
@@ -247,7 +249,7 @@ def test_a_killed_sweep_resumes_its_trial_from_the_checkpoint(tmp_path, repo, sw
     command = json.load(f)["command"]
   alone = str(tmp_path / "alone")
   command = [arg if not arg.startswith("--workdir=") else f"--workdir={alone}" for arg in command]
-  subprocess.run(command, cwd=repo, env=_one_device(), check=True, capture_output=True,
+  subprocess.run(command, cwd=repo, env=one_device, check=True, capture_output=True,
                  timeout=300)
   resumed, uninterrupted = _losses(os.path.join(workdir, "trial_0")), _losses(alone)
   assert sorted(resumed) == list(range(1, 11)) and resumed.keys() == uninterrupted.keys()
@@ -255,12 +257,13 @@ def test_a_killed_sweep_resumes_its_trial_from_the_checkpoint(tmp_path, repo, sw
     assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-6), step
 
 
-def test_a_diverging_trial_is_pruned_and_an_invalid_one_fails_alone(tmp_path, repo, sweep_file):
+def test_a_diverging_trial_is_pruned_and_an_invalid_one_fails_alone(tmp_path, repo, sweep_file,
+                                                                    one_device):
   config = sweep_file('Sweep({"learning_rate": [3e-3, 3.0, -1.0]}, '
                       'pruner=optuna.pruners.MedianPruner(n_startup_trials=1))')
   workdir = str(tmp_path / "sweep")
-  _sweep(repo, f"--config={config}", f"--workdir={workdir}", "--config.num_train_steps=12",
-         "--poll_seconds=0.2")
+  _sweep(repo, one_device, f"--config={config}", f"--workdir={workdir}",
+         "--config.num_train_steps=12", "--poll_seconds=0.2")
   rows = {r["learning_rate"]: r for r in _csv(workdir)}
   assert [r["state"] for r in _csv(workdir)] == ["complete", "pruned", "fail"]
   assert rows["0.003"]["steps"] == "12"
@@ -270,23 +273,24 @@ def test_a_diverging_trial_is_pruned_and_an_invalid_one_fails_alone(tmp_path, re
   assert not os.path.exists(os.path.join(workdir, "trial_2", "train.log"))  # never started
 
 
-def test_bad_sweep_input_is_one_line(tmp_path, repo, sweep_file):
+def test_bad_sweep_input_is_one_line(tmp_path, repo, sweep_file, one_device):
   config = sweep_file('{"model.num_expert": [2, 4]}')
-  result = _sweep(repo, f"--config={config}", f"--workdir={tmp_path / 'w'}", check=False)
+  result = _sweep(repo, one_device, f"--config={config}", f"--workdir={tmp_path / 'w'}",
+                  check=False)
   assert result.returncode == 1
   assert result.stderr.strip().splitlines() == [
       "error: sweep field 'model.num_expert' is no config field; did you mean model.num_experts?"]
-  result = _sweep(repo, "status", str(tmp_path / "nothing"), check=False)
+  result = _sweep(repo, one_device, "status", str(tmp_path / "nothing"), check=False)
   assert result.returncode == 1 and "holds no sweep" in result.stderr
 
 
 @pytest.mark.slow
-def test_two_drivers_share_one_study(tmp_path, repo, sweep_file):
+def test_two_drivers_share_one_study(tmp_path, repo, sweep_file, one_device):
   config = sweep_file('{"model.num_experts": [2, 4], "model.experts_per_token": [1, 2]}')
   workdir = str(tmp_path / "sweep")
   command = [sys.executable, "-m", "mixtral_jax.sweep_main", f"--config={config}",
              f"--workdir={workdir}"]
-  drivers = [subprocess.Popen(command, cwd=repo, env=_one_device(), stdout=subprocess.PIPE,
+  drivers = [subprocess.Popen(command, cwd=repo, env=one_device, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
   outputs = [d.communicate(timeout=600) for d in drivers]
   assert [d.returncode for d in drivers] == [0, 0], outputs
@@ -338,13 +342,14 @@ def test_workers_on_other_hosts_share_a_study_through_storage(tmp_path, kind):
   assert not os.path.exists(tmp_path / "a" / "study.journal")
 
 
-def test_a_stopped_sweep_saves_its_trial_and_a_rerun_finishes_it(tmp_path, repo, sweep_file):
+def test_a_stopped_sweep_saves_its_trial_and_a_rerun_finishes_it(tmp_path, repo, sweep_file,
+                                                                 one_device):
   config = sweep_file('{"model.experts_per_token": [2]}')
   workdir = str(tmp_path / "sweep")
   flags = [f"--config={config}", f"--workdir={workdir}", "--config.num_train_steps=10",
            "--poll_seconds=0.2"]
   driver = subprocess.Popen([sys.executable, "-m", "mixtral_jax.sweep_main", *flags], cwd=repo,
-                            env=_one_device(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=one_device, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
   metrics = os.path.join(workdir, "trial_0", "metrics.jsonl")
   deadline = time.monotonic() + 300
@@ -357,6 +362,6 @@ def test_a_stopped_sweep_saves_its_trial_and_a_rerun_finishes_it(tmp_path, repo,
   assert err.strip().splitlines()[-1] == "stopped by SIGTERM; rerun the same command to resume"
   assert [(r["state"], r["note"]) for r in _csv(workdir)] == [("running", "")]
   assert "stopped by SIGTERM at step" in _log(workdir, 0)
-  result = _sweep(repo, *flags)
+  result = _sweep(repo, one_device, *flags)
   assert "trial 0 (model.experts_per_token=2) was interrupted; resuming it" in result.stdout
   assert [(r["state"], r["steps"]) for r in _csv(workdir)] == [("complete", "10")]
