@@ -38,6 +38,7 @@ test-slow:
 
 bench:
 	$(MAKE) install EXTRAS=dev,tpu
+	$(PY) benchmarks/default_step.py
 	$(PY) benchmarks/moe_layer.py
 	$(PY) benchmarks/moe_step.py
 	$(PY) benchmarks/expert_parallel.py

@@ -46,7 +46,7 @@ class Variant:
     self.trainer = Ours(config)
     batch = make_batches(1, config.global_batch_size, config.seq_len, config.model.vocab_size)[0]
     self.batch = jax.device_put(batch)
-    loss_fn = step_lib.make_loss_fn(self.trainer.setup.model, config.model)
+    loss_fn = step_lib.make_loss_fn(self.trainer.setup.model)
     self.grad_fn = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, jax.random.PRNGKey(0))[0]))
     self.params = jax.tree.map(jnp.copy, self.trainer.state.params)  # the step donates its own
     self.step_s, self.grad_s = [], []

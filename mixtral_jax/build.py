@@ -42,6 +42,12 @@ class Setup:
   init_state: Callable  # () → the step-0 state, created sharded
   state_from_params: Callable  # params → the step-0 state around them; donates `params`
 
+  @property
+  def model_config(self) -> ml_collections.FrozenConfigDict:
+    """The model config the program was built from: `config.model` with its "auto" choices
+    resolved for the devices' platform. Read this, not `config.model`, past `build`."""
+    return self.model.config
+
   def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
     """One global training batch's shapes, dtypes and sharding, as data.py produces it."""
     shape = (self.config.global_batch_size, self.config.seq_len)

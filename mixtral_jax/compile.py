@@ -72,10 +72,10 @@ def topology_devices(name: str) -> list:
                        f"({str(e).strip().splitlines()[0]}); pip install -e \".[tpu]\"") from None
 
 
-def model_flops(config, params) -> dict[str, float]:
-  """Training FLOPs of one step, whole slice: 6·N_active·tokens for the matmuls (2 forward, 4
-  backward) plus causal attention's scores and values; with remat the forward pass again."""
-  model = config.model
+def model_flops(config, model, params) -> dict[str, float]:
+  """Training FLOPs of one step, whole slice (`model`: the built model's resolved config):
+  6·N_active·tokens for the matmuls (2 forward, 4 backward) plus causal attention's scores and
+  values; with remat the forward pass again."""
   tokens = config.global_batch_size * config.seq_len
   _, active = count_params(params, model)
   active -= model.vocab_size * model.hidden_size  # the embedding is a lookup, not a matmul
@@ -92,12 +92,11 @@ def _state_bytes(tree) -> int:
              for x in jax.tree.leaves(tree))
 
 
-def _moe_minimum_elements(config, chips: int) -> float:
+def _moe_minimum_elements(config, model, chips: int) -> float:
   """The fewest values one chip's MoE all-to-alls can move per step: each of its tokens' k slots
   goes to its expert and back, forward and backward (4 exchanges of D values; 6 with remat,
   which runs the forward exchanges again), every layer. (Counted in values, not bytes: XLA:TPU
   may send some exchanges in bf16.)"""
-  model = config.model
   tokens_per_chip = config.global_batch_size * config.seq_len / (chips / config.mesh.tensor)
   # Scanned, the compiled program holds one layer's exchanges (run L times).
   layers = 1 if model.scan_layers else model.num_layers
@@ -125,7 +124,7 @@ def report(config, topology: str) -> dict[str, Any]:
   setup = build_lib.build(config, devices, abstract=True)
   state = setup.abstract_state
   result = {"topology": topology, "jax_topology": slice_.jax_name, "chips": len(devices),
-            "scanned": bool(config.model.scan_layers),
+            "scanned": bool(setup.model_config.scan_layers),
             "mesh": dict(setup.mesh.shape),
             # v4's compile-only devices are its chips' two TensorCores (no megacore), each
             # with half the chip's HBM; elsewhere a device is a chip.
@@ -154,7 +153,7 @@ def report(config, topology: str) -> dict[str, Any]:
   result["fits"] = result["total"] <= result["hbm_per_chip"]
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  flops = model_flops(config, state.params)
+  flops = model_flops(config, setup.model_config, state.params)
   result.update(compiled_flops=cost.get("flops", float("nan")),
                 model_flops=flops["model"] / len(devices),
                 recompute_flops=flops["recompute"] / len(devices))
@@ -163,13 +162,13 @@ def report(config, topology: str) -> dict[str, Any]:
   text = compiled.as_text()
   result["collectives"] = hlo_stats.collectives(text)
   result["kernels"] = hlo_stats.tpu_kernels(text)
-  result["loops"] = hlo_stats.while_loops(text)
+  result["loops"] = len(hlo_stats.while_loops(text))
   if setup.mesh.shape["expert"] > 1:  # the ragged exchange: its buffers, sized for the worst case
     exchanged = [result["collectives"].get(kind, {}) for kind in ("all-to-all",
                                                                   "ragged-all-to-all")]
     result["moe_all_to_all_bytes"] = sum(c.get("bytes", 0) for c in exchanged)
     result["moe_all_to_all_ratio"] = (sum(c.get("elements", 0) for c in exchanged) /
-                                      _moe_minimum_elements(config, len(devices)))
+                                      _moe_minimum_elements(config, setup.model_config, len(devices)))
   return result
 
 

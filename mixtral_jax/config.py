@@ -99,6 +99,20 @@ def model_config(model: ml_collections.ConfigDict,
   return ml_collections.FrozenConfigDict(resolved)
 
 
+# Model fields that may say "auto" (this value) in a config; model_config resolves each per
+# backend, and the model and the step refuse a config that still holds one.
+AUTO_VALUES = {"grouped_matmul": "auto", "attention": "auto", "loss_chunk_tokens": -1}
+
+
+def require_resolved(model: ml_collections.ConfigDict, where: str) -> None:
+  """Raises ConfigError if `model` still holds an "auto" choice: `where` (the model, the step)
+  must be given `model_config(config.model, platform)`, not the raw `config.model`."""
+  for name, auto in AUTO_VALUES.items():
+    _require(model[name] != auto, f"model.{name}",
+             f"{model[name]!r} (auto) reached {where} unresolved; build it from "
+             f"config.model_config(config.model, platform) (build.build does)")
+
+
 def validate_data(data: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first invalid field of `config.data`."""
   _require(data.source in DATA_SOURCES, "data.source",

@@ -2,6 +2,7 @@
 benchmarks)."""
 
 import re
+from typing import Optional
 
 import numpy as np
 
@@ -60,6 +61,17 @@ def tpu_kernels(hlo_text: str) -> dict[str, int]:
   return kernels
 
 
-def while_loops(hlo_text: str) -> int:
-  """How many while loops compiled HLO text keeps (XLA's FLOP count takes each body once)."""
-  return len(re.findall(r" while\(", hlo_text))
+_KNOWN_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def while_loops(hlo_text: str) -> list[tuple[str, Optional[int]]]:
+  """(op_name, trip count) of each while loop compiled HLO text keeps, in program order: the
+  count XLA knows, or None where it depends on the data (a fori_loop to a computed bound).
+  XLA's FLOP count takes each loop's body once."""
+  loops = []
+  for line in hlo_text.splitlines():
+    if " while(" in line:
+      name, count = _OP_NAME.search(line), _KNOWN_TRIP_COUNT.search(line)
+      loops.append((name[1] if name else "", int(count[1]) if count else None))
+  return loops

@@ -10,6 +10,7 @@ import numpy as np
 
 from jax.sharding import Mesh
 
+from mixtral_jax import config as config_lib
 from mixtral_jax import sharding
 from mixtral_jax.attention import Attention
 from mixtral_jax.layers import RMSNorm, kernel_init
@@ -59,6 +60,7 @@ class Mixtral(nn.Module):
     the mutable "cache" collection (mixtral_jax/sample.py).
     """
     cfg = self.config
+    config_lib.require_resolved(cfg, "the model")
     dtype = jnp.dtype(cfg.dtype)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from mixtral_jax import config as config_lib
 from mixtral_jax import loss as loss_lib
 from mixtral_jax import sharding
 from mixtral_jax.model import Mixtral
@@ -48,8 +49,14 @@ def init_state(config: ml_collections.ConfigDict, model: Mixtral,
   return state_from_params(config, params, optimizer)
 
 
-def make_loss_fn(model: Mixtral, model_config: ml_collections.ConfigDict) -> Callable:
-  """loss(params, batch, rng) → (total loss, metrics) for one (micro-)batch."""
+def make_loss_fn(model: Mixtral) -> Callable:
+  """loss(params, batch, rng) → (total loss, metrics) for one (micro-)batch.
+
+  Reads the model's own (resolved) config: the loss chunking is an "auto" choice, so the raw
+  `config.model` would mean something else (ConfigError if the model holds one unresolved).
+  """
+  model_config = model.config
+  config_lib.require_resolved(model_config, "the loss")
 
   def loss_fn(params, batch: Batch, rng):
     outputs, stats = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
@@ -82,7 +89,7 @@ def make_loss_fn(model: Mixtral, model_config: ml_collections.ConfigDict) -> Cal
 def make_train_step(config: ml_collections.ConfigDict, model: Mixtral,
                     optimizer: optax.GradientTransformation) -> Callable:
   """train_step(state, batch) → (state, metrics); accumulates `grad_accum_steps` micro-batches."""
-  grad_fn = jax.value_and_grad(make_loss_fn(model, config.model), has_aux=True)
+  grad_fn = jax.value_and_grad(make_loss_fn(model), has_aux=True)
   schedule = learning_rate_schedule(config)
   accum = config.grad_accum_steps
 

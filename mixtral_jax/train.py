@@ -196,7 +196,7 @@ def _train(setup: build_lib.Setup, workdir: str, stop_at_step: Optional[int],
     owner = np.vectorize(lambda d: d.process_index)(setup.mesh.devices)
     logging.info("Process of each mesh device (%s): %s", ", ".join(setup.mesh.axis_names),
                  owner.tolist())
-  total, active = count_params(setup.abstract_state.params, config.model)
+  total, active = count_params(setup.abstract_state.params, setup.model_config)
   logging.info("Model: %s parameters, %s active per token.", f"{total:,}", f"{active:,}")
   print(f"model: {total:,} parameters ({active:,} active) | mesh "
         f"{dict(setup.mesh.shape)} | corpus unigram entropy {data.unigram_entropy:.3f} nats/token",

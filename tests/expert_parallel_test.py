@@ -39,7 +39,7 @@ def run(config, devices, num_steps):
   """(loss, metrics, grads) of the first batch and the losses of `num_steps` train steps."""
   setup = build.build(config, devices)
   data = [jax.device_put(b, setup.batch_sharding) for b in batches(num_steps, config)]
-  loss_fn = step_lib.make_loss_fn(setup.model, config.model)
+  loss_fn = step_lib.make_loss_fn(setup.model)
   state = setup.state
   (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
       state.params, data[0], jax.random.PRNGKey(0))

@@ -1,0 +1,88 @@
+"""The default config's train step as configured ÷ the same with its "auto" choices written out.
+
+`make train` runs `loss_chunk_tokens = -1` (auto: 512 tokens per device on CPU). A step that
+read the unresolved config once computed the loss one position at a time (1.35× slower, no
+test failing); this times both programs alternating in one process, and compares their
+compiled HLO. Goal ≤ 1.05. Writes its table into benchmarks/README.md.
+"""
+
+import argparse
+import os
+import re
+import statistics
+import sys
+import time
+
+import jax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.reference import make_batches  # noqa: E402
+from benchmarks.report import write_section  # noqa: E402
+from configs import default  # noqa: E402
+from mixtral_jax import build as build_lib  # noqa: E402
+from mixtral_jax import cpu_runtime  # noqa: E402
+from mixtral_jax import hlo_stats  # noqa: E402
+
+
+def _program(hlo_text: str) -> str:
+  """Compiled HLO without the names XLA derives from the module (the jitted function's)."""
+  return re.sub(r"HloModule \S+", "", hlo_text)
+
+
+class Variant:
+  """One config's train step on its own state, timed through reading its metrics."""
+
+  def __init__(self, config, batch):
+    setup = build_lib.build(config)
+    self.state, self.step_fn = setup.state, setup.train_step
+    self.batch = jax.device_put(batch, setup.batch_sharding)
+    self.hlo = _program(setup.train_step.lower(setup.abstract_state,
+                                               setup.abstract_batch()).compile().as_text())
+    self.seconds = []
+    self.step()  # compile, warm up
+
+  def step(self) -> float:
+    start = time.perf_counter()
+    self.state, metrics = self.step_fn(self.state, self.batch)
+    float(metrics["loss"])
+    return time.perf_counter() - start
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--rounds", type=int, default=15)
+  parser.add_argument("--no-write", action="store_true", help="print only; leave README alone")
+  args = parser.parse_args()
+  cpu_runtime.reuse_step_memory()  # as mixtral-train does
+
+  configured = default.get_config()
+  explicit = default.get_config()
+  explicit.model.loss_chunk_tokens = 512
+  batch = make_batches(1, configured.global_batch_size, configured.seq_len,
+                       configured.model.vocab_size)[0]
+  variants = {"as configured (`loss_chunk_tokens = -1`, auto)": Variant(configured, batch),
+              "`--config.model.loss_chunk_tokens=512`": Variant(explicit, batch)}
+  for _ in range(args.rounds):
+    for variant in variants.values():
+      variant.seconds.append(variant.step())
+  (auto_name, auto), (_, fixed) = variants.items()
+  medians = {name: statistics.median(v.seconds) for name, v in variants.items()}
+  ratio = medians[auto_name] / statistics.median(fixed.seconds)
+  same = "identical" if auto.hlo == fixed.hlo else "different"
+  loops = [count for _, count in hlo_stats.while_loops(auto.hlo)]
+  tokens = configured.global_batch_size * configured.seq_len
+  lines = [f"Default config (batch {configured.global_batch_size}×{configured.seq_len}), "
+           f"{jax.device_count()} {jax.default_backend()} device, JAX {jax.__version__}; median "
+           f"of {args.rounds} alternating steps.", "",
+           "| train step | ms | tokens/s |", "|---|---:|---:|"]
+  lines += [f"| {name} | {s * 1e3:.0f} | {tokens / s:,.0f} |" for name, s in medians.items()]
+  lines += ["", f"**as configured ÷ explicit = {ratio:.3f}** (goal ≤ 1.05); the two compiled "
+            f"programs are {same}; while loops and trip counts: "
+            f"{', '.join('data-dependent' if n is None else str(n) for n in loops)}."]
+  print("\n".join(lines))
+  if not args.no_write:
+    write_section("default_step", "\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
