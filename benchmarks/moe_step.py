@@ -45,9 +45,12 @@ class DenseFFN(nn.Module):
                          (d, 2, self.hidden_size), jnp.float32)
     down = self.param("down", nn.with_logical_partitioning(kernel_init, ("mlp", "embed")),
                       (self.hidden_size, d), jnp.float32)
-    y = swiglu(jnp.einsum("btd,dci->btci", x, gate_up)) @ down
+    # Computed in x's dtype (bf16 on accelerators), as the experts are.
+    y = swiglu(jnp.einsum("btd,dci->btci", x, gate_up.astype(x.dtype))) @ down.astype(x.dtype)
     zero = jnp.zeros((), jnp.float32)
-    return y, MoEStats(zero, zero, jnp.zeros(self.num_experts), jnp.zeros(self.num_experts), zero)
+    load = jnp.zeros(self.num_experts)
+    return y, MoEStats(aux_loss=zero, z_loss=zero, expert_load=load, mean_probability=load,
+                       dropped_fraction=zero, router_entropy=zero)
 
 
 @contextlib.contextmanager
