@@ -25,8 +25,11 @@ from mixtral_jax import hlo_stats  # noqa: E402
 
 
 def _program(hlo_text: str) -> str:
-  """Compiled HLO without the names XLA derives from the module (the jitted function's)."""
-  return re.sub(r"HloModule \S+", "", hlo_text)
+  """Compiled HLO without its module name and debug metadata (source lines of the callers)."""
+  text = re.sub(r"HloModule \S+", "", hlo_text)
+  text = re.sub(r", metadata=\{[^}]*\}", "", text)
+  return "\n".join(line for line in text.splitlines()
+                   if not re.match(r"\d+ \{(file_name_id|file_location_id)=", line))
 
 
 class Variant:
