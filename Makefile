@@ -11,9 +11,11 @@ TEST_WORKERS ?= --numprocesses=auto --maxprocesses=4
 
 .PHONY: install train test test-slow bench clean
 
-# Extras to install: dev (tests, conversion to PyTorch); tpu on a TPU VM (make install EXTRAS=tpu)
-# and for the TPU compile tests.
-EXTRAS ?= dev
+# Extras to install: dev (tests, conversion to PyTorch), plus cuda (jax's CUDA plugin) where
+# `nvidia-smi -L` lists a GPU; tpu on a TPU VM (make install EXTRAS=tpu) and for the TPU compile
+# tests.
+GPU_EXTRA := $(shell nvidia-smi -L 2>/dev/null | grep -q '^GPU' && echo ,cuda)
+EXTRAS ?= dev$(GPU_EXTRA)
 
 $(VENV)/.installed-$(EXTRAS): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +52,7 @@ bench:
 	$(PY) benchmarks/pod_compile.py
 	$(PY) benchmarks/sweep_overhead.py
 	$(PY) benchmarks/sample.py
+	$(PY) benchmarks/gpu.py
 
 clean:
 	rm -rf $(VENV) workdir

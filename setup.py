@@ -34,6 +34,11 @@ setup(
                 "tensorboard>=2.16"],
         # TPU VMs (launch/tpu_vm.sh): libtpu.
         "tpu": ["jax[tpu]>=0.10.2"],
+        # NVIDIA GPUs: jax's CUDA 13 plugin and CUDA libraries from the registry (driver >= 580);
+        # `make install` adds it where `nvidia-smi -L` lists a GPU.
+        "cuda": ["jax[cuda13]>=0.10.2"],
+        # The same on CUDA 12 drivers (>= 525).
+        "cuda12": ["jax[cuda12]>=0.10.2"],
     },
     entry_points={
         "console_scripts": ["mixtral-train=mixtral_jax.main:run",

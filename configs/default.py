@@ -108,8 +108,9 @@ def get_config() -> ml_collections.ConfigDict:
   # For attention="blocked": score queries in blocks of this many against only the keys they can
   # see (0 = one block); skips most of the masked-out score work.
   model.attention_query_chunk = 64
-  # Compute dtype of activations and matmuls ("float32" or "bfloat16"); params stay float32.
-  model.dtype = "float32"
+  # Compute dtype of activations and matmuls: "float32", "bfloat16" or "auto" (bfloat16 on
+  # GPU/TPU, float32 on CPU); parameters and optimizer state stay float32.
+  model.dtype = "auto"
   # Training loss applies the LM head to chunks of about this many tokens per device (its rows,
   # a slice of positions), never holding the [B, T, vocab] logits (0 = full logits; -1 = auto:
   # 512 on CPU, on accelerators as many as keep a chunk's logits within 256 MiB).

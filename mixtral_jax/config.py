@@ -9,7 +9,7 @@ import ml_collections
 
 DISPATCH_MODES = ("dropless", "capacity")
 GROUPED_MATMULS = ("auto", "blocked", "ragged_dot")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
 ALL_TO_ALLS = ("padded", "ragged")
 ATTENTIONS = ("auto", "blocked", "splash", "dot_product")
 # Per backend, "auto" resolves to these (model_config).
@@ -85,13 +85,16 @@ def model_config(model: ml_collections.ConfigDict,
   grouped_matmul: the blocked loop on CPU, where `ragged_dot` lowers to a masked dense dot, and
   `ragged_dot` where XLA has a native grouped matmul. attention: see _AUTO_ATTENTION.
   loss_chunk_tokens (-1): 512 tokens on CPU; elsewhere the largest power of two whose chunk
-  of logits stays within _ACCELERATOR_LOSS_CHUNK_LOGITS.
+  of logits stays within _ACCELERATOR_LOSS_CHUNK_LOGITS. dtype: bfloat16 compute where the
+  chip has bf16 matmul units (GPU, TPU); float32 on CPU, which has none (bf16 is slower there).
   """
   resolved = model.copy_and_resolve_references()
   if resolved.grouped_matmul == "auto":
     resolved.grouped_matmul = "blocked" if platform == "cpu" else "ragged_dot"
   if resolved.attention == "auto":
     resolved.attention = _AUTO_ATTENTION.get(platform, "blocked")
+  if resolved.dtype == "auto":
+    resolved.dtype = "float32" if platform == "cpu" else "bfloat16"
   if resolved.loss_chunk_tokens == -1:
     fit = max(1, _ACCELERATOR_LOSS_CHUNK_LOGITS // resolved.vocab_size)
     resolved.loss_chunk_tokens = (_CPU_LOSS_CHUNK_TOKENS if platform == "cpu"
@@ -101,7 +104,8 @@ def model_config(model: ml_collections.ConfigDict,
 
 # Model fields that may say "auto" (this value) in a config; model_config resolves each per
 # backend, and the model and the step refuse a config that still holds one.
-AUTO_VALUES = {"grouped_matmul": "auto", "attention": "auto", "loss_chunk_tokens": -1}
+AUTO_VALUES = {"grouped_matmul": "auto", "attention": "auto", "loss_chunk_tokens": -1,
+               "dtype": "auto"}
 
 
 def require_resolved(model: ml_collections.ConfigDict, where: str) -> None:
