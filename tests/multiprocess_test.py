@@ -208,7 +208,10 @@ def test_processes_told_different_process_counts_stop_in_one_line_each(tmp_path,
                                   "--heartbeat_timeout=5"))
              for index, count in ((0, 2), (1, 3))]
   outputs = [process.communicate(timeout=120) for process in started]
-  assert [process.returncode for process in started] == [1, 1]
+  # Process 1 refuses. Process 0 meets the loss of it either as an error its Python sees (exit
+  # 1) or through JAX's distributed service, which aborts it (SIGABRT), whichever comes first
+  # (one CI-like run got the abort); either way the same one line, checked below.
+  assert started[1].returncode == 1 and started[0].returncode in (1, -signal.SIGABRT)
   assert "--num_processes=3 here, but the run's coordinator says 2" in _one_line_error(
       outputs[1][1])
   assert _one_line_error(outputs[0][1]).startswith("error: process 1 of this run stopped")
