@@ -14,7 +14,7 @@ import time
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.report import publish  # noqa: E402
 from configs import default  # noqa: E402
 from mixtral_jax import build, checkpoint, cpu_runtime  # noqa: E402
 
@@ -52,8 +52,7 @@ def main():
            f"| async: until written | {done:.1f} |",
            f"| synchronous | {sync:.1f} |",
            "", f"**blocked ÷ synchronous = {block / sync:.3f}** (goal ≤ 0.1)"]
-  print("\n".join(lines))
-  write_section("checkpoint", "\n".join(lines))
+  publish("checkpoint", lines)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.reference import reference_config  # noqa: E402
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.report import publish  # noqa: E402
 from configs import default  # noqa: E402
 from mixtral_jax import build  # noqa: E402
 
@@ -52,9 +52,7 @@ def main():
     best = min((compile_seconds(config) for _ in range(args.repeats)), key=sum)
     lines.append(f"| {name} | {best[0]:.1f} | {best[1]:.1f} | {sum(best):.1f} |")
     print(lines[-1], flush=True)
-  print("\n".join(lines))
-  if not args.no_write:
-    write_section("compile_time", "\n".join(lines))
+  publish("compile_time", lines, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -11,15 +11,13 @@ import os
 import re
 import statistics
 import sys
-import time
 
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.reference import make_batches  # noqa: E402
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.reference import Ours, make_batches  # noqa: E402
+from benchmarks.report import publish  # noqa: E402
 from configs import default  # noqa: E402
-from mixtral_jax import build as build_lib  # noqa: E402
 from mixtral_jax import cpu_runtime  # noqa: E402
 from mixtral_jax import hlo_stats  # noqa: E402
 
@@ -32,23 +30,17 @@ def _program(hlo_text: str) -> str:
                    if not re.match(r"\d+ \{(file_name_id|file_location_id)=", line))
 
 
-class Variant:
-  """One config's train step on its own state, timed through reading its metrics."""
+class Variant(Ours):
+  """One config's train step on its own state, with its compiled program."""
 
   def __init__(self, config, batch):
-    setup = build_lib.build(config)
-    self.state, self.step_fn = setup.state, setup.train_step
-    self.batch = jax.device_put(batch, setup.batch_sharding)
-    self.hlo = _program(setup.train_step.lower(setup.abstract_state,
-                                               setup.abstract_batch()).compile().as_text())
+    super().__init__(config)
+    self.batch = jax.device_put(batch, self.setup.batch_sharding)
+    lowered = self.setup.train_step.lower(self.setup.abstract_state,
+                                          self.setup.abstract_batch())
+    self.hlo = _program(lowered.compile().as_text())
     self.seconds = []
-    self.step()  # compile, warm up
-
-  def step(self) -> float:
-    start = time.perf_counter()
-    self.state, metrics = self.step_fn(self.state, self.batch)
-    float(metrics["loss"])
-    return time.perf_counter() - start
+    self.timed_step(self.batch)  # compile, warm up
 
 
 def main():
@@ -67,7 +59,7 @@ def main():
               "`--config.model.loss_chunk_tokens=512`": Variant(explicit, batch)}
   for _ in range(args.rounds):
     for variant in variants.values():
-      variant.seconds.append(variant.step())
+      variant.seconds.append(variant.timed_step(variant.batch))
   (auto_name, auto), (_, fixed) = variants.items()
   medians = {name: statistics.median(v.seconds) for name, v in variants.items()}
   ratio = medians[auto_name] / statistics.median(fixed.seconds)
@@ -82,9 +74,7 @@ def main():
   lines += ["", f"**as configured ÷ explicit = {ratio:.3f}** (goal ≤ 1.05); the two compiled "
             f"programs are {same}; while loops and trip counts: "
             f"{', '.join('data-dependent' if n is None else str(n) for n in loops)}."]
-  print("\n".join(lines))
-  if not args.no_write:
-    write_section("default_step", "\n".join(lines))
+  publish("default_step", lines, write=not args.no_write)
 
 
 if __name__ == "__main__":

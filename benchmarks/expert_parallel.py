@@ -20,7 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.report import publish  # noqa: E402
 from configs import default  # noqa: E402
 from mixtral_jax import build as build_lib  # noqa: E402
 from mixtral_jax import sharding  # noqa: E402
@@ -99,8 +99,7 @@ def main():
            "| mesh (data, fsdp, expert, tensor) | dispatch | all-to-all MB/layer/device "
            "| ÷ minimum (a) | memory ÷ ideal (b) | step ÷ 1 device (c) |",
            "|---|---|---:|---:|---:|---:|"] + rows
-  print("\n".join(lines))
-  write_section("expert_parallel", "\n".join(lines))
+  publish("expert_parallel", lines)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.moe_step import dense_ffn_layers  # noqa: E402
+from benchmarks.reference import Ours  # noqa: E402
+from benchmarks.report import publish  # noqa: E402
 from configs import default, moe_1b  # noqa: E402
-from mixtral_jax import build as build_lib  # noqa: E402
 from mixtral_jax import compile as compile_lib  # noqa: E402
 from mixtral_jax import config as config_lib  # noqa: E402
 from mixtral_jax import grouped_matmul  # noqa: E402
@@ -82,31 +83,27 @@ def packed_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
           "positions": positions, "segment_ids": segment_ids}
 
 
-class Ours:
-  """A config's train step (`build`: what mixtral-train runs) on `devices`."""
+def median_seconds(step, steps: int) -> float:
+  """Median seconds of `steps` calls of `step` (which waits for its work), after 2 warm-ups."""
+  step(), step()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
 
-  def __init__(self, config, devices, batch):
-    self.setup = build_lib.build(config, devices)
-    self.state = self.setup.state
-    self.batch = jax.device_put(batch, self.setup.batch_sharding)
-    self.tokens = config.global_batch_size * config.seq_len
-    self.flops = compile_lib.model_flops(config, self.setup.model_config,
-                                         self.setup.abstract_state.params)["model"]
 
-  def step(self) -> float:
-    """One step's loss (read back: the step is over)."""
-    self.state, metrics = self.setup.train_step(self.state, self.batch)
-    return float(metrics["loss"])
+def ours_on(config, device, batch) -> tuple[Ours, dict]:
+  """Our train step on `device` (what mixtral-train runs) and `batch` placed for it."""
+  ours = Ours(config, [device])
+  return ours, jax.device_put(batch, ours.setup.batch_sharding)
 
-  def seconds(self, steps: int) -> float:
-    """Median seconds per step over `steps` timed steps, after two warm-up steps."""
-    self.step(), self.step()
-    times = []
-    for _ in range(steps):
-      start = time.perf_counter()
-      self.step()
-      times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+def model_flops(ours: Ours) -> float:
+  setup = ours.setup
+  return compile_lib.model_flops(setup.config, setup.model_config,
+                                 setup.abstract_state.params)["model"]
 
 
 def moe_1b_on_one_device(remat: bool = False):
@@ -121,21 +118,10 @@ def hf_seconds(config, params, batch, steps: int) -> float:
   """Median step seconds of MixtralForCausalLM + fused AdamW on the GPU, bf16 autocast, sdpa
   attention and grouped_mm experts, from our initial parameters and on the same tokens."""
   import torch
-  from transformers import MixtralConfig, MixtralForCausalLM
 
-  from benchmarks.vs_pytorch import hf_state_dict
-  m = config.model
-  hf = MixtralConfig(
-      vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-      num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-      num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim, num_local_experts=m.num_experts,
-      num_experts_per_tok=m.experts_per_token, rope_theta=m.rope_theta,
-      rms_norm_eps=m.rms_norm_eps, router_aux_loss_coef=m.router_aux_loss_coef,
-      output_router_logits=True, tie_word_embeddings=False, max_position_embeddings=32768,
-      attn_implementation="sdpa", experts_implementation="grouped_mm")
-  model = MixtralForCausalLM(hf)
-  model.load_state_dict(hf_state_dict(params, m), strict=True)
-  model = model.cuda().train()
+  from benchmarks.vs_pytorch import hf_mixtral
+  model = hf_mixtral(params, config.model, attn_implementation="sdpa",
+                     experts_implementation="grouped_mm").cuda()
   optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, fused=True)
   inputs = torch.from_numpy(batch["inputs"]).long().cuda()
   targets = torch.from_numpy(batch["targets"]).long().cuda()
@@ -151,15 +137,10 @@ def hf_seconds(config, params, batch, steps: int) -> float:
     optimizer.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
 
-  step(), step()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
+  seconds = median_seconds(step, steps)
   del model, optimizer
   torch.cuda.empty_cache()
-  return statistics.median(times)
+  return seconds
 
 
 def grouped_matmul_rates(config, device) -> tuple[float, float]:
@@ -217,14 +198,15 @@ def attention_rates(config, device) -> tuple[float, float]:
 
 
 def losses_gpu_vs_cpu(device, steps: int = 4) -> float:
-  """Largest loss difference over `steps` default-config float32 steps, GPU vs CPU paths."""
+  """Largest cross-entropy difference over `steps` default-config float32 steps, GPU vs CPU
+  paths."""
   config = default.get_config()
   config.model.dtype = "float32"
   batch = packed_batch(config.global_batch_size, config.seq_len, config.model.vocab_size)
   losses = []
-  for devices in ([device], jax.devices("cpu")[:1]):
-    ours = Ours(config, devices, batch)
-    losses.append([ours.step() for _ in range(steps)])
+  for on in (device, jax.devices("cpu")[0]):
+    ours, placed = ours_on(config, on, batch)
+    losses.append([ours.step(placed)[0] for _ in range(steps)])
   return max(abs(a - b) for a, b in zip(*losses))
 
 
@@ -238,23 +220,25 @@ def main():
     print(f"benchmarks/gpu.py: no GPU here (JAX backend {jax.default_backend()}); nothing "
           "measured")
     return
-  from benchmarks.moe_step import dense_ffn_layers  # noqa: E402 (imports torch-free code)
   device = devices[0]
   peak = peak_flops(device)
   config = moe_1b_on_one_device()
   batch = packed_batch(BATCH, config.seq_len, config.model.vocab_size)
-  rows, seconds = {}, {}
+  seconds = {}
 
-  ours = Ours(config, [device], batch)
-  params = jax.device_get(ours.state.params)  # the initial parameters, for HF too
-  seconds["moe"] = ours.seconds(args.steps)
-  flops, tokens = ours.flops, ours.tokens
+  tokens = BATCH * config.seq_len
+  ours, placed = ours_on(config, device, batch)
+  params = ours.params_numpy()  # the initial parameters, for HF too
+  seconds["moe"] = median_seconds(lambda: ours.step(placed), args.steps)
+  flops = model_flops(ours)
   del ours
-  seconds["remat"] = Ours(moe_1b_on_one_device(remat=True), [device], batch).seconds(args.steps)
+  remat, placed = ours_on(moe_1b_on_one_device(remat=True), device, batch)
+  seconds["remat"] = median_seconds(lambda: remat.step(placed), args.steps)
+  del remat
   with dense_ffn_layers():
-    dense = Ours(config, [device], batch)
-    seconds["dense"] = dense.seconds(args.steps)
-    dense_flops = dense.flops
+    dense, placed = ours_on(config, device, batch)
+    seconds["dense"] = median_seconds(lambda: dense.step(placed), args.steps)
+    dense_flops = model_flops(dense)
   seconds["hf"] = hf_seconds(config, params, batch, args.steps)
   grouped, dense_rate = grouped_matmul_rates(config, device)
   packed, causal = attention_rates(config, device)
@@ -278,7 +262,8 @@ def main():
             for name, s, f in rows]
   lines += ["", "| piece (fwd + bwd, bf16) | TFLOP/s |", "|---|---:|",
             f"| grouped matmul, {BATCH * config.seq_len * m.experts_per_token:,} rows × "
-            f"{m.hidden_size} → {m.num_experts} × {2 * m.intermediate_size} | {grouped / 1e12:.0f} |",
+            f"{m.hidden_size} → {m.num_experts} × {2 * m.intermediate_size} | "
+            f"{grouped / 1e12:.0f} |",
             f"| one dense matmul of the same FLOPs | {dense_rate / 1e12:.0f} |",
             f"| attention on packed documents (the model's GPU path) | {packed / 1e12:.0f} |",
             f"| cuDNN attention, causal only | {causal / 1e12:.0f} |", ""]
@@ -291,11 +276,9 @@ def main():
   lines += [f"**{name} = {value:.2f}** (goal {sign} {goal}; "
             f"{'met' if (value >= goal if sign == '≥' else value <= goal) else 'not met'})"
             for name, value, goal, sign in checks]
-  lines += ["", f"GPU vs CPU (default config, float32, 4 steps): largest loss difference "
-            f"{loss_gap:.1e}."]
-  print("\n".join(lines))
-  if not args.no_write:
-    write_section("gpu", "\n".join(lines))
+  lines += ["", "GPU vs CPU (default config, float32, 4 steps): largest cross-entropy "
+            f"difference {loss_gap:.1e}."]
+  publish("gpu", lines, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import time
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.report import publish  # noqa: E402
 from configs import default  # noqa: E402
 from mixtral_jax import build as build_lib  # noqa: E402
 from mixtral_jax import cpu_runtime  # noqa: E402
@@ -60,8 +60,7 @@ def main():
            f"| input pipeline alone: batches | {batches_per_s:.1f} | {batches_per_s * tokens:,.0f} |",
            f"| train steps | {steps_per_s:.2f} | {steps_per_s * tokens:,.0f} |",
            "", f"**pipeline ÷ train = {batches_per_s / steps_per_s:.0f}** (goal ≥ 10)"]
-  print("\n".join(lines))
-  write_section("input_pipeline", "\n".join(lines))
+  publish("input_pipeline", lines)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.report import publish  # noqa: E402
 from configs import default  # noqa: E402
 from mixtral_jax import config as config_lib  # noqa: E402
 from mixtral_jax import oracle  # noqa: E402
@@ -79,8 +79,7 @@ def main():
            "| variant | ms | ÷ dense FFN |", "|---|---:|---:|"]
   for name, _, _ in variants:
     lines.append(f"| {name} | {best[name] * 1e3:.1f} | {best[name] / base:.2f} |")
-  print("\n".join(lines))
-  write_section("moe_layer", "\n".join(lines))
+  publish("moe_layer", lines)
 
 
 HIDDEN, INTER = 256, 512

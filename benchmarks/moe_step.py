@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.reference import Ours, make_batches, reference_config  # noqa: E402
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.report import publish  # noqa: E402
 from mixtral_jax import cpu_runtime  # noqa: E402
 from mixtral_jax import model as model_lib  # noqa: E402
 from mixtral_jax.experts import swiglu  # noqa: E402
@@ -101,9 +101,7 @@ def main():
       f"| dense SwiGLU FFN, intermediate k·I = {m.experts_per_token * m.intermediate_size} | "
       f"{count(dense):.1f} | {dense_s * 1e3:.0f} |", "",
       f"**MoE step ÷ dense step = {moe_s / dense_s:.2f}** (goal ≤ 1.15)"]
-  print("\n".join(lines))
-  if not args.no_write:
-    write_section("moe_step", "\n".join(lines))
+  publish("moe_step", lines, write=not args.no_write)
 
 
 if __name__ == "__main__":

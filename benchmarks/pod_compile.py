@@ -25,7 +25,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.report import publish  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 1 << 30
@@ -133,9 +133,7 @@ def main():
   if seconds.get("dropless padded") and seconds.get("scan, 4 layers"):
     lines += ["", f"Scanned, 32 layers compile in {seconds['dropless padded'] / seconds['scan, 4 layers']:.2f}× "
               f"the time of 4."]
-  print("\n".join(lines))
-  if not args.no_write:
-    write_section("pod_compile", "\n".join(lines))
+  publish("pod_compile", lines, write=not args.no_write)
 
 
 if __name__ == "__main__":

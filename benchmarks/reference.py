@@ -64,8 +64,8 @@ def make_batches(num: int, batch: int, seq_len: int, vocab: int, seed: int = 0) 
 class Ours:
   """Our train step, the program `mixtral-train` runs (`build.build`: sharded, state donated)."""
 
-  def __init__(self, config):
-    self.setup = build.build(config)
+  def __init__(self, config, devices=None):
+    self.setup = build.build(config, devices)
     self.state = self.setup.state
     self.step_fn = self.setup.train_step
 

@@ -18,3 +18,11 @@ def write_section(name: str, text: str) -> None:
   with open(tmp, "w") as f:
     f.write(content)
   os.replace(tmp, README)
+
+
+def publish(name: str, lines: list[str], write: bool = True) -> None:
+  """Prints a benchmark's table and, if `write`, puts it into README.md as section `name`."""
+  text = "\n".join(lines)
+  print(text)
+  if write:
+    write_section(name, text)

@@ -19,7 +19,7 @@ import torch
 import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.report import publish  # noqa: E402
 from configs import default  # noqa: E402
 from mixtral_jax import build, convert, sample  # noqa: E402
 
@@ -86,9 +86,7 @@ def main():
                  f"{tokens(batch, theirs):,.0f} | {recomputed / cached:.1f} | "
                  f"{theirs / cached:.2f} |")
   lines += ["", "Goals: cached ÷ recompute ≥ 10 at 256 new tokens; cached ÷ HF generate ≥ 1.5."]
-  text = "\n".join(lines)
-  print(text)
-  write_section("sample", text)
+  publish("sample", lines)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.report import publish  # noqa: E402
 from mixtral_jax import sweep as sweep_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,9 +49,7 @@ def main():
   lines += [f"| mixtral-sweep, {w} worker{'s' * (w > 1)} | {t:.1f} | {t / total:.3f} |"
             for w, t in swept.items()]
   lines += ["", f"**sweep (1 worker) ÷ runs by hand = {swept[1] / total:.3f}** (goal ≤ 1.05)"]
-  text = "\n".join(lines)
-  print(text)
-  write_section("sweep_overhead", text)
+  publish("sweep_overhead", lines)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ from transformers import MixtralConfig, MixtralForCausalLM  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.reference import (PEAK_SIZE, Ours, make_batches, matmul_floor,  # noqa: E402
                                   model_flops_per_token, peak_matmul_seconds, reference_config)
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.report import publish  # noqa: E402
 from mixtral_jax import convert, cpu_runtime  # noqa: E402
 from mixtral_jax.optimizer import learning_rate_schedule  # noqa: E402
 
@@ -79,22 +79,29 @@ def hf_state_dict(params, m) -> dict:
   return state
 
 
+def hf_mixtral(params, m, **implementations) -> MixtralForCausalLM:
+  """MixtralForCausalLM of our model config `m` holding our `params`, in training mode, with
+  its router losses returned; `implementations`: e.g. experts_implementation="grouped_mm"."""
+  hf = MixtralConfig(
+      vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+      num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+      num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim, num_local_experts=m.num_experts,
+      num_experts_per_tok=m.experts_per_token, rope_theta=m.rope_theta,
+      rms_norm_eps=m.rms_norm_eps, sliding_window=m.sliding_window or None,
+      router_aux_loss_coef=m.router_aux_loss_coef, router_jitter_noise=0.0,
+      output_router_logits=True, tie_word_embeddings=False, max_position_embeddings=32768,
+      **implementations)
+  model = MixtralForCausalLM(hf).train()
+  model.load_state_dict(hf_state_dict(params, m), strict=True)
+  return model
+
+
 class HF:
   """MixtralForCausalLM + AdamW in eager PyTorch, from our initial params."""
 
   def __init__(self, config, params, experts_implementation: str):
     m = config.model
-    hf = MixtralConfig(
-        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-        num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim, num_local_experts=m.num_experts,
-        num_experts_per_tok=m.experts_per_token, rope_theta=m.rope_theta,
-        rms_norm_eps=m.rms_norm_eps, sliding_window=m.sliding_window or None,
-        router_aux_loss_coef=m.router_aux_loss_coef, router_jitter_noise=0.0,
-        output_router_logits=True, tie_word_embeddings=False, max_position_embeddings=32768,
-        experts_implementation=experts_implementation)
-    self.model = MixtralForCausalLM(hf).train()
-    self.model.load_state_dict(hf_state_dict(params, m), strict=True)
+    self.model = hf_mixtral(params, m, experts_implementation=experts_implementation)
     named = list(self.model.named_parameters())
     groups = [{"params": [p for _, p in named if p.ndim > 1], "weight_decay": config.weight_decay},
               {"params": [p for _, p in named if p.ndim <= 1], "weight_decay": 0.0}]
@@ -273,10 +280,7 @@ def main():
             f"{mfu[floor_name]:.1%}: the step takes {tps[floor_name] / tps[ours_name]:.2f}× "
             f"their time, and 65% MFU would need at most "
             f"{mfu[floor_name] / 0.65:.2f}×."]
-  text = "\n".join(lines)
-  print(text)
-  if not args.no_write:
-    write_section("vs_pytorch", text)
+  publish("vs_pytorch", lines, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -10,16 +10,10 @@ import numpy as np
 import pytest
 
 from configs import default, mixtral_8x7b, moe_1b
-from mixtral_jax import build
 from mixtral_jax import config as config_lib
 from mixtral_jax import hlo_stats
 from mixtral_jax import step as step_lib
 from mixtral_jax.model import Mixtral
-
-
-def _default_setup():
-  """The default config's program on one CPU device, as `make train` builds it."""
-  return build.build(default.get_config(), jax.devices()[:1], abstract=True)
 
 
 def _scans(jaxpr) -> list[tuple[int, list[tuple[int, ...]]]]:
@@ -49,8 +43,8 @@ def test_no_auto_choice_survives_model_config(preset, platform):
   assert resolved.loss_chunk_tokens > 0
 
 
-def test_build_gives_the_model_and_step_the_resolved_config():
-  setup = _default_setup()
+def test_build_gives_the_model_and_step_the_resolved_config(build_on_one_device):
+  setup = build_on_one_device(default.get_config(), abstract=True)
   assert setup.model_config is setup.model.config
   assert dict(setup.model_config) == dict(config_lib.model_config(setup.config.model, "cpu"))
   assert setup.config.model.loss_chunk_tokens == -1  # the user's config keeps what they wrote
@@ -73,9 +67,9 @@ def test_the_model_and_the_loss_refuse_an_unresolved_config(field):
     step_lib.make_loss_fn(model)
 
 
-def test_the_default_step_computes_the_loss_in_chunks_of_512_tokens():
+def test_the_default_step_computes_the_loss_in_chunks_of_512_tokens(build_on_one_device):
   """rows · seq_len / 512 = 4 loop iterations over [rows, 64, D], as "auto" means on CPU."""
-  setup = _default_setup()
+  setup = build_on_one_device(default.get_config(), abstract=True)
   config, model = setup.config, setup.model_config
   jaxpr = jax.make_jaxpr(setup.train_step)(setup.abstract_state, setup.abstract_batch()).jaxpr
   rows, length, hidden = config.global_batch_size, config.seq_len, model.hidden_size
@@ -97,12 +91,12 @@ def test_the_default_step_computes_the_loss_in_chunks_of_512_tokens():
   assert sorted(kinds, key=str) == sorted(expected, key=str)
 
 
-def test_the_compiled_default_step_keeps_only_the_expected_loops():
+def test_the_compiled_default_step_keeps_only_the_expected_loops(build_on_one_device):
   """The while loops XLA:CPU keeps in the default step, by trip count: the RNG split's threefry
   rounds (5), each layer's search for its blocks' experts (4) and the loss chunks (4); each
   layer's blocked experts, forward and backward, over the blocks the routing fills (known only
   at run time). Any other loop is a change to look at."""
-  setup = _default_setup()
+  setup = build_on_one_device(default.get_config(), abstract=True)
   compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_batch()).compile()
   loops = hlo_stats.while_loops(compiled.as_text())
   layers = setup.model_config.num_layers
