@@ -16,7 +16,9 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.report import publish  # noqa: E402
 from configs import default  # noqa: E402
-from mixtral_jax import build, checkpoint, cpu_runtime  # noqa: E402
+from mixtral_jax.runtime import cpu_runtime
+from mixtral_jax.training import build  # noqa: E402
+from mixtral_jax.training import checkpoint
 
 ROUNDS = 5
 

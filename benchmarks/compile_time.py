@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.reference import reference_config  # noqa: E402
 from benchmarks.report import publish  # noqa: E402
 from configs import default  # noqa: E402
-from mixtral_jax import build  # noqa: E402
+from mixtral_jax.training import build  # noqa: E402
 
 
 def compile_seconds(config) -> tuple[float, float]:

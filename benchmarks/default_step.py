@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.reference import Ours, make_batches  # noqa: E402
 from benchmarks.report import publish  # noqa: E402
 from configs import default  # noqa: E402
-from mixtral_jax import cpu_runtime  # noqa: E402
-from mixtral_jax import hlo_stats  # noqa: E402
+from mixtral_jax.runtime import cpu_runtime  # noqa: E402
+from mixtral_jax.runtime import hlo_stats  # noqa: E402
 
 
 def _program(hlo_text: str) -> str:

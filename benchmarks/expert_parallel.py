@@ -22,9 +22,9 @@ import jax.numpy as jnp  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.report import publish  # noqa: E402
 from configs import default  # noqa: E402
-from mixtral_jax import build as build_lib  # noqa: E402
-from mixtral_jax import sharding  # noqa: E402
-from mixtral_jax.hlo_stats import all_to_all_bytes  # noqa: E402
+from mixtral_jax.parallel import sharding  # noqa: E402
+from mixtral_jax.runtime.hlo_stats import all_to_all_bytes  # noqa: E402
+from mixtral_jax.training import build as build_lib  # noqa: E402
 
 REPEATS = 3
 

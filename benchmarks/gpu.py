@@ -29,10 +29,10 @@ from benchmarks.moe_step import dense_ffn_layers  # noqa: E402
 from benchmarks.reference import Ours  # noqa: E402
 from benchmarks.report import publish  # noqa: E402
 from configs import default, moe_1b  # noqa: E402
-from mixtral_jax import compile as compile_lib  # noqa: E402
 from mixtral_jax import config as config_lib  # noqa: E402
-from mixtral_jax import grouped_matmul  # noqa: E402
-from mixtral_jax.attention import dot_product_attention  # noqa: E402
+from mixtral_jax.model import grouped_matmul  # noqa: E402
+from mixtral_jax.model.attention import dot_product_attention  # noqa: E402
+from mixtral_jax.tools import compile as compile_lib  # noqa: E402
 
 PEAK_SIZE = 8192
 # moe_1b on one device: 16 rows of 2048 tokens (32,768 tokens per step).

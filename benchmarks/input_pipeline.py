@@ -16,9 +16,10 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.report import publish  # noqa: E402
 from configs import default  # noqa: E402
-from mixtral_jax import build as build_lib  # noqa: E402
-from mixtral_jax import cpu_runtime  # noqa: E402
-from mixtral_jax import data as data_lib  # noqa: E402
+from mixtral_jax.data import pipeline as data_lib  # noqa: E402
+from mixtral_jax.data import processes  # noqa: E402
+from mixtral_jax.runtime import cpu_runtime  # noqa: E402
+from mixtral_jax.training import build as build_lib  # noqa: E402
 
 ROUNDS = 3
 PIPELINE_BATCHES = 200
@@ -30,7 +31,7 @@ def main():
   config = default.get_config()
   setup = build_lib.build(config)
   step, state = setup.train_step, setup.state
-  layout = data_lib.Layout(setup.batch_sharding, config.global_batch_size)
+  layout = processes.ProcessRows(setup.batch_sharding, config.global_batch_size)
   data = data_lib.make_data(config, layout.rows)
   batches = data.train_iterator()
   for _ in range(2):  # compile

@@ -20,9 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.report import publish  # noqa: E402
 from configs import default  # noqa: E402
 from mixtral_jax import config as config_lib  # noqa: E402
-from mixtral_jax import oracle  # noqa: E402
-from mixtral_jax.layers import kernel_init  # noqa: E402
-from mixtral_jax.moe import MoE  # noqa: E402
+from mixtral_jax.model import oracle  # noqa: E402
+from mixtral_jax.model.layers import kernel_init  # noqa: E402
+from mixtral_jax.model.moe import MoE  # noqa: E402
 
 
 def moe_variant(name, x, cotangent, **overrides):

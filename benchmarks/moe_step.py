@@ -25,11 +25,11 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.reference import Ours, make_batches, reference_config  # noqa: E402
 from benchmarks.report import publish  # noqa: E402
-from mixtral_jax import cpu_runtime  # noqa: E402
-from mixtral_jax import model as model_lib  # noqa: E402
-from mixtral_jax.experts import swiglu  # noqa: E402
-from mixtral_jax.layers import kernel_init  # noqa: E402
-from mixtral_jax.moe import MoEStats  # noqa: E402
+from mixtral_jax.model import mixtral as model_lib  # noqa: E402
+from mixtral_jax.model.experts import swiglu  # noqa: E402
+from mixtral_jax.model.layers import kernel_init  # noqa: E402
+from mixtral_jax.model.moe import MoEStats  # noqa: E402
+from mixtral_jax.runtime import cpu_runtime  # noqa: E402
 
 
 class DenseFFN(nn.Module):

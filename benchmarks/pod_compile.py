@@ -74,7 +74,7 @@ CASES = [  # (name, config file, topology, --config overrides)
 def run_case(config: str, topology: str, overrides: list[str], timeout: float) -> dict:
   """mixtral-compile's saved report, or {"error": …}."""
   with tempfile.TemporaryDirectory() as save:
-    command = [sys.executable, "-m", "mixtral_jax.compile", f"--config={config}",
+    command = [sys.executable, "-m", "mixtral_jax.cli.compile", f"--config={config}",
                f"--topology={topology}", "--save", save, *overrides]
     try:
       out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)

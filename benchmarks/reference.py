@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import default
-from mixtral_jax import build
 from mixtral_jax import config as config_lib
+from mixtral_jax.training import build
 
 # Side of the square float32 matmul whose speed is taken as the machine's peak.
 PEAK_SIZE = 2048

@@ -21,7 +21,9 @@ import transformers
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.report import publish  # noqa: E402
 from configs import default  # noqa: E402
-from mixtral_jax import build, convert, sample  # noqa: E402
+from mixtral_jax.tools import convert
+from mixtral_jax.tools import sample
+from mixtral_jax.training import build  # noqa: E402
 
 PROMPT, NEW = 16, 256
 

@@ -28,9 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.reference import (PEAK_SIZE, Ours, make_batches, model_flops_per_token,  # noqa: E402
                                   peak_matmul_seconds, reference_config)
 from benchmarks.report import write_section  # noqa: E402
-from mixtral_jax import cpu_runtime  # noqa: E402
-from mixtral_jax import step as step_lib  # noqa: E402
-from mixtral_jax.model import count_params  # noqa: E402
+from mixtral_jax.model.mixtral import count_params  # noqa: E402
+from mixtral_jax.runtime import cpu_runtime  # noqa: E402
+from mixtral_jax.training import step as step_lib  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKENS_PER_STEP = 4096

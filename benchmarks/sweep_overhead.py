@@ -15,7 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.report import publish  # noqa: E402
-from mixtral_jax import sweep as sweep_lib  # noqa: E402
+from mixtral_jax.sweep import space as sweep_space  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_FILE = os.path.join(REPO, "configs", "sweeps", "experts.py")
@@ -32,13 +32,13 @@ def _timed(args: list[str]) -> float:
 
 def main():
   spec = {"model.num_experts": [4, 8], "model.experts_per_token": [1, 2]}
-  points = sweep_lib.grid_points(sweep_lib.as_sweep(spec))
+  points = sweep_space.grid_points(sweep_space.as_sweep(spec))
   with tempfile.TemporaryDirectory() as root:
     _timed(["mixtral_jax.main", *FLAGS, f"--workdir={root}/warmup"] +
-           sweep_lib.trial_flags(points[0]))
+           sweep_space.trial_flags(points[0]))
     by_hand = [_timed(["mixtral_jax.main", *FLAGS, f"--workdir={root}/hand_{i}"] +
-                      sweep_lib.trial_flags(point)) for i, point in enumerate(points)]
-    swept = {workers: _timed(["mixtral_jax.sweep_main", *FLAGS, f"--workdir={root}/sweep_{workers}",
+                      sweep_space.trial_flags(point)) for i, point in enumerate(points)]
+    swept = {workers: _timed(["mixtral_jax.cli.sweep", *FLAGS, f"--workdir={root}/sweep_{workers}",
                               f"--workers={workers}"]) for workers in (1, 2)}
   total = sum(by_hand)
   lines = [f"configs/sweeps/experts.py's 4 points at {STEPS} steps, 1 CPU device per run "

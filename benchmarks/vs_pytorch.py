@@ -55,8 +55,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.reference import (PEAK_SIZE, Ours, make_batches, matmul_floor,  # noqa: E402
                                   model_flops_per_token, peak_matmul_seconds, reference_config)
 from benchmarks.report import publish  # noqa: E402
-from mixtral_jax import convert, cpu_runtime  # noqa: E402
-from mixtral_jax.optimizer import learning_rate_schedule  # noqa: E402
+from mixtral_jax.runtime import cpu_runtime
+from mixtral_jax.tools import convert  # noqa: E402
+from mixtral_jax.training.optimizer import learning_rate_schedule  # noqa: E402
 
 HF_EXPERTS = ("grouped_mm", "eager")
 

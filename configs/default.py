@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Split each global batch into this many micro-batches and sum their gradients.
   config.grad_accum_steps = 1
   # On CPU, keep XLA's per-step scratch memory mapped between steps instead of page-faulting it
-  # in every step (mixtral_jax/cpu_runtime.py); applied by mixtral-train at startup.
+  # in every step (mixtral_jax/runtime/cpu_runtime.py); applied by mixtral-train at startup.
   config.cpu_reuse_step_memory = True
   # Capture a jax.profiler trace of steps A to B ("A:B", e.g. "10:12") into WORKDIR/profile
   # ("" = none); open it in TensorBoard's profile plugin or Perfetto.

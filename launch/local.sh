@@ -27,7 +27,7 @@ while [ $# -gt 0 ]; do
     --devices_per_process=*) devices=${1#*=} ;;
     --port=*) port=${1#*=} ;;
     --grace=*) grace=${1#*=} ;;
-    --sweep) module=mixtral_jax.sweep_main ;;
+    --sweep) module=mixtral_jax.cli.sweep ;;
     --dry-run) dry_run=1 ;;
     --help|-h) sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --) shift; break ;;

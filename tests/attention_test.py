@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from configs import default
-from mixtral_jax import attention
 from mixtral_jax import config as config_lib
-from mixtral_jax import sharding
-from mixtral_jax.model import Mixtral
+from mixtral_jax.model import attention
+from mixtral_jax.model.mixtral import Mixtral
+from mixtral_jax.parallel import sharding
 
 # 200 positions: not a multiple of splash's 128-row blocks, so its padding is exercised.
 BATCH, LENGTH, KV_HEADS, GROUPS, HEAD_DIM = 2, 200, 2, 2, 32

@@ -6,8 +6,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import mixtral_8x7b
-from mixtral_jax import build
 from mixtral_jax import config as config_lib
+from mixtral_jax.training import build
 
 
 def test_abstract_build_of_mixtral_8x7b_allocates_nothing():

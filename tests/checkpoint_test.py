@@ -11,8 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixtral_jax import build, checkpoint, sharding, train
 from mixtral_jax import config as config_lib
+from mixtral_jax.data import iterator
+from mixtral_jax.parallel import sharding
+from mixtral_jax.training import build
+from mixtral_jax.training import checkpoint
+from mixtral_jax.training import loop as train
 
 
 def restored_on(config, workdir, mesh_shape, devices):
@@ -120,7 +124,7 @@ def test_kill_9_resumes_from_last_complete_checkpoint(tmp_path, train_command, d
 def test_nan_steps_are_not_applied_and_stop_the_run(tmp_path, tiny_config, metrics,
                                                     monkeypatch):
   config = tiny_config(num_train_steps=20, checkpoint_every_steps=4, max_nan_steps=3)
-  real_next = train.data_lib.TrainIterator.__next__
+  real_next = iterator.TrainIterator.__next__
 
   def nan_from_step_10(batches):
     batch = real_next(batches)  # which advanced batches.step to this batch's training step
@@ -128,7 +132,7 @@ def test_nan_steps_are_not_applied_and_stop_the_run(tmp_path, tiny_config, metri
       batch = dict(batch, weights=np.full_like(batch["weights"], np.nan))
     return batch
 
-  monkeypatch.setattr(train.data_lib.TrainIterator, "__next__", nan_from_step_10)
+  monkeypatch.setattr(iterator.TrainIterator, "__next__", nan_from_step_10)
   workdir = str(tmp_path / "run")
   with pytest.raises(train.NonFiniteError, match=r"^step 12: loss or gradients were NaN/Inf "
                                                  r"for 3 steps in a row .* checkpoint is step 8"):
@@ -241,7 +245,7 @@ def test_info_lists_checkpoints(tmp_path, tiny_config, repo):
   config = tiny_config(num_train_steps=4, checkpoint_every_steps=2)
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
-  result = subprocess.run([sys.executable, "-m", "mixtral_jax.checkpoint", "info", workdir],
+  result = subprocess.run([sys.executable, "-m", "mixtral_jax.cli.checkpoint", "info", workdir],
                           cwd=repo, capture_output=True, text=True, timeout=120)
   lines = result.stdout.strip().splitlines()
   assert [int(line.split()[1]) for line in lines] == [2, 4]
@@ -263,7 +267,7 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_one_before_used(tmp_pa
   largest = max(files, key=os.path.getsize)
   with open(largest, "r+b") as f:
     f.truncate(os.path.getsize(largest) // 2)
-  result = subprocess.run([sys.executable, "-m", "mixtral_jax.checkpoint", "info", "--verify",
+  result = subprocess.run([sys.executable, "-m", "mixtral_jax.cli.checkpoint", "info", "--verify",
                            workdir], cwd=repo, capture_output=True, text=True, timeout=300)
   assert result.returncode == 1
   lines = result.stdout.strip().splitlines()

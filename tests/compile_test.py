@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from configs import default
-from mixtral_jax import compile as compile_lib
+from mixtral_jax.tools import compile as compile_lib
 
 pytest.importorskip("libtpu", reason="the tpu extra (make test installs it)")
 
@@ -60,7 +60,7 @@ def test_the_default_step_compiles_for_tpu_with_experts_over_4_chips(dispatch, a
 
 def test_a_config_that_cannot_fit_says_so_with_the_numbers(tmp_path, repo):
   out = subprocess.run(
-      [sys.executable, "-m", "mixtral_jax.compile", "--config=configs/default.py",
+      [sys.executable, "-m", "mixtral_jax.cli.compile", "--config=configs/default.py",
        "--topology=v5e-4", "--config.model.num_layers=1", "--config.model.vocab_size=2000000",
        "--config.model.hidden_size=1024", "--save", str(tmp_path)],
       cwd=repo, capture_output=True, text=True, timeout=600)
@@ -79,7 +79,7 @@ def test_a_config_that_cannot_fit_says_so_with_the_numbers(tmp_path, repo):
     (["--topology=v5p-8", "--config.model.nope=1"], 2, "error:"),
 ])
 def test_bad_input_gives_one_line(repo, args, code, message):
-  out = subprocess.run([sys.executable, "-m", "mixtral_jax.compile", "--config=configs/default.py",
+  out = subprocess.run([sys.executable, "-m", "mixtral_jax.cli.compile", "--config=configs/default.py",
                         "--config.mesh.data=1", "--config.mesh.expert=4", *args], cwd=repo,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == code, out.stderr[-2000:]

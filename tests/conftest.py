@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from configs import default  # noqa: E402
-from mixtral_jax import build as build_lib  # noqa: E402
+from mixtral_jax.training import build as build_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,7 +16,13 @@ import torch
 import transformers
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from mixtral_jax import build, checkpoint, convert, sample, train
+from mixtral_jax.training import build
+from mixtral_jax.training import checkpoint
+from configs import default
+from mixtral_jax.cli import convert as convert_cli
+from mixtral_jax.tools import convert
+from mixtral_jax.tools import sample
+from mixtral_jax.training import loop as train
 
 
 @pytest.fixture
@@ -84,7 +90,7 @@ def test_cli_exports_expert_parallel_checkpoint_like_one_device(tmp_path, tiny_c
   config.mesh.update(data=1, expert=8)
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
-  assert convert.main(["to-hf", "--workdir", workdir, "--out", str(tmp_path / "a")]) == 0
+  assert convert_cli.main(["to-hf", "--workdir", workdir, "--out", str(tmp_path / "a")]) == 0
   # The same checkpoint restored onto the 8-device expert-parallel mesh, exported from there.
   state, _ = build.build(config, abstract=True).restore(checkpoint.Checkpointer(workdir))
   assert len(state.params["layer_0"]["moe"]["experts"]["down"].addressable_shards) == 8
@@ -155,7 +161,7 @@ def tensors(path):
 
 def test_hf_round_trips_are_bit_identical(tmp_path, tiny_trained_params):
   hf_tiny(tmp_path / "hf")
-  convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
+  convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "run"), default.get_config())
   params, config = build.restore_params(str(tmp_path / "run"))
   convert.export_hf(params, config.model, str(tmp_path / "back"))
   original, back = tensors(tmp_path / "hf"), tensors(tmp_path / "back")
@@ -165,14 +171,15 @@ def test_hf_round_trips_are_bit_identical(tmp_path, tiny_trained_params):
 
   # The fused v5 layout imports to the same parameters.
   hf_tiny(tmp_path / "hf5", fused=True)
-  convert.import_hf(str(tmp_path / "hf5"), str(tmp_path / "run5"))
+  convert.import_hf(str(tmp_path / "hf5"), str(tmp_path / "run5"), default.get_config())
   jax.tree.map(np.testing.assert_array_equal,
                build.restore_params(str(tmp_path / "run5"))[0], params)
 
   # ours → HF → ours.
   config, _, ours = tiny_trained_params()
   convert.export_hf(ours, config.model, str(tmp_path / "ours_hf"))
-  convert.import_hf(str(tmp_path / "ours_hf"), str(tmp_path / "ours_again"))
+  convert.import_hf(str(tmp_path / "ours_hf"), str(tmp_path / "ours_again"),
+                    default.get_config())
   jax.tree.map(np.testing.assert_array_equal,
                build.restore_params(str(tmp_path / "ours_again"))[0], ours)
 
@@ -208,7 +215,7 @@ def test_bad_hf_directories_give_one_line_errors(tmp_path, capsys):
   capsys.readouterr()  # drop save_pretrained's progress output
   for path, message in cases.items():
     workdir = tmp_path / f"run_{path.name}"
-    assert convert.main(["from-hf", "--hf", str(path), "--workdir", str(workdir)]) == 1
+    assert convert_cli.main(["from-hf", "--hf", str(path), "--workdir", str(workdir)]) == 1
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and message in error, error
     assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
@@ -219,9 +226,10 @@ def test_training_resumes_from_an_imported_hf_model(tmp_path, tiny_config):
   # Our export (with its tokenizer) stands in for a released HF model of the same vocabulary.
   config = tiny_config(num_train_steps=8)
   train.train_and_evaluate(config, str(tmp_path / "pretrain"))
-  assert convert.main(["to-hf", "--workdir", str(tmp_path / "pretrain"),
+  assert convert_cli.main(["to-hf", "--workdir", str(tmp_path / "pretrain"),
                        "--out", str(tmp_path / "hf")]) == 0
-  imported = convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "finetune"))
+  imported = convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "finetune"),
+                               default.get_config())
   assert imported.data.tokenizer_path == str(tmp_path / "finetune" / "tokenizer.model")
 
   config.model = imported.model
@@ -239,7 +247,7 @@ def test_training_resumes_from_an_imported_hf_model(tmp_path, tiny_config):
 def test_an_imported_model_resumes_as_a_fresh_state_around_its_params(tmp_path):
   hf_tiny(tmp_path / "hf")
   workdir = str(tmp_path / "run")
-  config = convert.import_hf(str(tmp_path / "hf"), workdir)
+  config = convert.import_hf(str(tmp_path / "hf"), workdir, default.get_config())
   items = os.listdir(tmp_path / "run" / "checkpoints" / "0")
   assert "params" in items and "train" not in items  # no optimizer state written
   config.global_batch_size = 1  # one device
@@ -279,7 +287,8 @@ _SAVE_WITH_OPTIMIZER_STATE = """
 import json, sys
 import jax
 from configs import default
-from mixtral_jax import build, checkpoint
+from mixtral_jax.training import build
+from mixtral_jax.training import checkpoint
 config = default.get_config()
 config.model.update(hidden_size=384, intermediate_size=384, num_layers=8, num_heads=6,
                     head_dim=64)
@@ -294,10 +303,10 @@ print(sum(x.nbytes for x in jax.tree.leaves(state.params)))
 _PEAK_INCREASE = """
 import resource, sys
 import jax
-from mixtral_jax import convert
+from mixtral_jax.cli import convert as convert_cli
 jax.devices()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-assert convert.main(sys.argv[1:]) == 0
+assert convert_cli.main(sys.argv[1:]) == 0
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 """
 

@@ -12,7 +12,7 @@ import pytest
 # threshold, run on one CPU device in a fresh process; prints page faults of its later calls.
 _SCRIPT = textwrap.dedent("""
     import json, resource, sys
-    from mixtral_jax import cpu_runtime
+    from mixtral_jax.runtime import cpu_runtime
     applied = cpu_runtime.reuse_step_memory() if sys.argv[1] == "reuse" else False
     import jax, jax.numpy as jnp
     step = jax.jit(lambda x, w: jnp.tanh(x @ w) @ w.T)

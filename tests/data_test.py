@@ -12,8 +12,12 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import default
-from mixtral_jax import data as data_lib
-from mixtral_jax import packing, sharding, sources
+from mixtral_jax.data import iterator as iterator_lib
+from mixtral_jax.data import packing
+from mixtral_jax.data import permutation, processes
+from mixtral_jax.data import pipeline as data_lib
+from mixtral_jax.data import sources
+from mixtral_jax.parallel import sharding
 
 VOCAB_SIZE = 320
 BOS, EOS = 2, 3
@@ -85,7 +89,7 @@ def test_stream_resumes_from_its_cursor():
 
 @pytest.mark.parametrize("n", [1, 2, 7, 64, 1000])
 def test_permute_is_a_seeded_bijection(n):
-  orders = [[data_lib.permute(i, n, (0, epoch)) for i in range(n)] for epoch in range(2)]
+  orders = [[permutation.permute(i, n, (0, epoch)) for i in range(n)] for epoch in range(2)]
   assert all(sorted(order) == list(range(n)) for order in orders)
   if n >= 7:
     assert orders[0] != orders[1] and orders[0] != list(range(n))
@@ -248,7 +252,7 @@ def test_resuming_on_another_process_count_reads_each_document_once(data_config,
   first = [reading(rows) for rows in split[before]]
   iterators = [data.train_iterator() for data, _ in first]
   got = [[next(it) for it in iterators] for _ in range(13)]
-  state = json.loads(json.dumps(data_lib.merge_states([it.get_state() for it in iterators])))
+  state = json.loads(json.dumps(iterator_lib.merge_states([it.get_state() for it in iterators])))
   second = [reading(rows) for rows in split[after]]
   iterators = [data.train_iterator(state) for data, _ in second]
   got += [[next(it) for it in iterators] for _ in range(17)]
@@ -328,7 +332,7 @@ def test_a_layout_assembles_its_rows_on_the_batch_sharding():
   mesh_config = default.get_config().mesh
   mesh_config.update(data=2, fsdp=1, expert=2, tensor=2)
   batch_sharding = sharding.batch_sharding(sharding.make_mesh(mesh_config, jax.devices()))
-  layout = data_lib.Layout(batch_sharding, 8)
+  layout = processes.ProcessRows(batch_sharding, 8)
   assert layout.rows == list(range(8))  # one process holds them all
   batch = {"inputs": np.arange(8 * 3, dtype=np.int32).reshape(8, 3)}
   got = layout.global_batch(batch)["inputs"]

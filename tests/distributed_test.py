@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from mixtral_jax import distributed
+from mixtral_jax.parallel import distributed
 
 _FATAL_REPORT = b"""E1201 23:25:42.109038    9347 coordination_service.cc:1549] Use error polling to propagate the following error to all tasks: UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):
 1
@@ -76,7 +76,7 @@ def test_a_bad_jax_variable_is_named(clean_env):
 
 def _filtered(*pieces) -> str:
   """stderr text through the filter process; a number among `pieces` is a pause (seconds)."""
-  process = subprocess.Popen([sys.executable, "-m", "mixtral_jax.distributed", "5", "30",
+  process = subprocess.Popen([sys.executable, "-m", "mixtral_jax.parallel.distributed", "5", "30",
                               "10.0.0.1:1234"], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
   for piece in pieces:
     if isinstance(piece, (int, float)):

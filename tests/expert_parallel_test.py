@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from configs import default
-from mixtral_jax import build
 from mixtral_jax import config as config_lib
-from mixtral_jax import router, sharding
-from mixtral_jax import step as step_lib
-from mixtral_jax.expert_parallel import expert_parallel_moe
-from mixtral_jax.hlo_stats import all_to_all_bytes
+from mixtral_jax.model import router
+from mixtral_jax.model.expert_parallel import ExpertParallelDispatcher
+from mixtral_jax.parallel import sharding
+from mixtral_jax.runtime.hlo_stats import all_to_all_bytes
+from mixtral_jax.training import build
+from mixtral_jax.training import step as step_lib
 
 MESHES = [(1, 1, 8, 1), (2, 1, 4, 1), (2, 2, 2, 1), (1, 2, 2, 2)]
 
@@ -192,8 +193,8 @@ def test_ragged_all_to_all_equals_padded_on_accelerator():
     model_config = config_lib.model_config(config.model, devices[0].platform)
 
     def f(tokens, weights, gate_up, down):
-      out, _ = expert_parallel_moe(tokens, routing.expert_index, weights, gate_up, down,
-                                   model_config, mesh)
+      out, _ = ExpertParallelDispatcher(model_config, mesh)(
+          tokens, routing._replace(combine_weights=weights), gate_up, down)
       return jnp.sum(jnp.sin(out))
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
 

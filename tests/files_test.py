@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from mixtral_jax.files import write_atomically
+from mixtral_jax.runtime.files import write_atomically
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):

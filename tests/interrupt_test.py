@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from mixtral_jax import checkpoint, interrupt
+from mixtral_jax.runtime import interrupt
+from mixtral_jax.training import checkpoint
 
 
 def _start(args, env, repo, until: str) -> subprocess.Popen:

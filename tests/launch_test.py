@@ -204,5 +204,5 @@ def test_sweep_runs_mixtral_sweep_on_every_worker_and_wants_a_mounted_workdir():
   result = _run("local.sh", "--sweep", "--num_processes=2", "--dry-run", "--", *flags)
   assert result.returncode == 0, result.stderr
   commands = _commands(result.stdout)
-  assert len(commands) == 2 and all(c[c.index("-m") + 1] == "mixtral_jax.sweep_main"
+  assert len(commands) == 2 and all(c[c.index("-m") + 1] == "mixtral_jax.cli.sweep"
                                     for c in commands)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from mixtral_jax import config as config_lib
-from mixtral_jax import loss as loss_lib
-from mixtral_jax import step as step_lib
+from mixtral_jax.training import loss as loss_lib
+from mixtral_jax.training import step as step_lib
 
 
 @pytest.mark.parametrize("chunk_length", [1, 5, 8, 21])

@@ -22,7 +22,8 @@ def _losses(mesh, devices, dispatch, steps=10) -> list[float]:
   """Losses of `steps` train steps of a 16-expert model on `mesh` over the first `devices`."""
   import jax
   from configs import default
-  from mixtral_jax import build, sharding
+  from mixtral_jax.training import build
+  from mixtral_jax.parallel import sharding
 
   config = default.get_config()
   config.update(global_batch_size=32, seq_len=16, warmup_steps=2, learning_rate=3e-3)

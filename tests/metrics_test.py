@@ -9,8 +9,8 @@ import sys
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from mixtral_jax import metrics as metrics_lib
-from mixtral_jax import train
+from mixtral_jax.training import loop as train
+from mixtral_jax.training import metrics as metrics_lib
 
 
 def _board(workdir) -> event_accumulator.EventAccumulator:

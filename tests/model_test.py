@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from configs import default, mixtral_8x7b, moe_1b
-from mixtral_jax import build as build_lib
 from mixtral_jax import config as config_lib
-from mixtral_jax import packing
-from mixtral_jax.convert import export_hf
-from mixtral_jax.model import Mixtral, count_params, stack_layers, unstack_layers
+from mixtral_jax.data import packing
+from mixtral_jax.model.mixtral import Mixtral, count_params, stack_layers, unstack_layers
+from mixtral_jax.tools.convert import export_hf
+from mixtral_jax.training import build as build_lib
 
 
 def tiny_model_config(**overrides):

@@ -8,9 +8,11 @@ import pytest
 
 from configs import default
 from mixtral_jax import config as config_lib
-from mixtral_jax import dispatch, grouped_matmul, oracle
-from mixtral_jax.experts import swiglu
-from mixtral_jax.moe import MoE
+from mixtral_jax.model import dispatch
+from mixtral_jax.model import grouped_matmul
+from mixtral_jax.model import oracle
+from mixtral_jax.model.experts import swiglu
+from mixtral_jax.model.moe import MoE
 
 NUM_EXPERTS, K, HIDDEN, INTER = 8, 2, 32, 48
 

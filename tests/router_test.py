@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixtral_jax import router
+from mixtral_jax.model import router
 
 
 def np_softmax(x):
@@ -31,7 +31,8 @@ def test_top_k_and_losses_match_numpy(num_experts, k):
   np.add.at(counts, expected_index.reshape(-1), 1)
   f = counts / logits.shape[0]  # sums to k
   expected_aux = num_experts * np.sum(f * probs.mean(0))
-  np.testing.assert_allclose(router.load_balancing_loss(routing), expected_aux, rtol=1e-5)
+  np.testing.assert_allclose(router.load_balancing_loss(routing, num_experts), expected_aux,
+                             rtol=1e-5)
   lse = np.log(np.exp(logits.astype(np.float64)).sum(-1))
   np.testing.assert_allclose(router.z_loss(routing.logits), np.mean(lse ** 2), rtol=1e-5)
   np.testing.assert_allclose(router.expert_load(routing.expert_index, num_experts),
@@ -45,7 +46,7 @@ def test_balanced_routing_gives_aux_loss_k():
   for t, (a, b) in enumerate([(0, 1), (2, 3), (1, 2), (3, 0)]):
     logits[t, [a, b]] = 0.0
   routing = router.top_k_routing(jnp.asarray(logits), 2)
-  np.testing.assert_allclose(router.load_balancing_loss(routing), 2.0, rtol=1e-6)
+  np.testing.assert_allclose(router.load_balancing_loss(routing, 4), 2.0, rtol=1e-6)
   np.testing.assert_allclose(router.expert_load(routing.expert_index, 4), [0.25] * 4)
 
 
@@ -54,7 +55,7 @@ def test_imbalanced_routing_costs_more_than_balanced():
   logits[:, 0] = 5.0
   logits[:, 1] = 4.0
   routing = router.top_k_routing(jnp.asarray(logits), 2)
-  assert float(router.load_balancing_loss(routing)) > 2.0 + 1.0
+  assert float(router.load_balancing_loss(routing, 4)) > 2.0 + 1.0
 
 
 def test_token_mask_excludes_padding():
@@ -63,8 +64,8 @@ def test_token_mask_excludes_padding():
   mask = np.array([1] * 6 + [0] * 4, np.float32)
   full = router.top_k_routing(jnp.asarray(logits[:6]), 2)
   masked = router.top_k_routing(jnp.asarray(logits), 2)
-  np.testing.assert_allclose(router.load_balancing_loss(masked, jnp.asarray(mask)),
-                             router.load_balancing_loss(full), rtol=1e-6)
+  np.testing.assert_allclose(router.load_balancing_loss(masked, 4, jnp.asarray(mask)),
+                             router.load_balancing_loss(full, 4), rtol=1e-6)
   np.testing.assert_allclose(router.z_loss(masked.logits, jnp.asarray(mask)),
                              router.z_loss(full.logits), rtol=1e-6)
 

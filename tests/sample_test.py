@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from mixtral_jax import config as config_lib
-from mixtral_jax import sample
-from mixtral_jax.model import Mixtral
+from mixtral_jax.model.mixtral import Mixtral
+from mixtral_jax.tools import sample
 
 
 def _model_and_params(config):
@@ -127,7 +127,7 @@ def test_mixtral_sample_continues_a_prompt_from_a_checkpoint(tmp_path, train_com
   workdir = str(tmp_path / "run")
   args, env = train_command(workdir, 4)
   subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True, timeout=300)
-  command = [args[0], "-m", "mixtral_jax.sample", f"--workdir={workdir}"]
+  command = [args[0], "-m", "mixtral_jax.cli.sample", f"--workdir={workdir}"]
   run = lambda *flags: subprocess.run(command + list(flags), cwd=repo, env=env,
                                       capture_output=True, text=True, timeout=300)
   greedy = run("--prompt=def f(x):", "--prompt=return", "--max_new_tokens=8",

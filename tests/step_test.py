@@ -11,9 +11,9 @@ import pytest
 
 from configs import default, mixtral_8x7b, moe_1b
 from mixtral_jax import config as config_lib
-from mixtral_jax import hlo_stats
-from mixtral_jax import step as step_lib
-from mixtral_jax.model import Mixtral
+from mixtral_jax.model.mixtral import Mixtral
+from mixtral_jax.runtime import hlo_stats
+from mixtral_jax.training import step as step_lib
 
 
 def _scans(jaxpr) -> list[tuple[int, list[tuple[int, ...]]]]:

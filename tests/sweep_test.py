@@ -18,8 +18,9 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from configs import default
-from mixtral_jax import sweep as sweep_lib
-from mixtral_jax import sweep_results
+from mixtral_jax.sweep import driver as sweep_driver
+from mixtral_jax.sweep import space as sweep_space
+from mixtral_jax.sweep import study as sweep_study
 
 # The tiny model's settings (as tiny_config's), as the sweep file's get_config() sets them.
 _TINY = {"num_train_steps": 6, "global_batch_size": 8, "seq_len": 32, "log_every_steps": 1,
@@ -56,7 +57,7 @@ def sweep_file(tmp_path, tiny_config):
 
 
 def _sweep(repo, env, *flags, check=True, timeout=600):
-  result = subprocess.run([sys.executable, "-m", "mixtral_jax.sweep_main", *flags], cwd=repo,
+  result = subprocess.run([sys.executable, "-m", "mixtral_jax.cli.sweep", *flags], cwd=repo,
                           env=env, capture_output=True, text=True, timeout=timeout)
   if check:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -85,34 +86,34 @@ def _losses(workdir):
 
 
 def test_a_dict_is_a_grid_in_order():
-  sweep = sweep_lib.as_sweep({"model.num_experts": [4, 8], "model.dispatch": ["dropless",
+  sweep = sweep_space.as_sweep({"model.num_experts": [4, 8], "model.dispatch": ["dropless",
                                                                               "capacity"]})
   assert sweep.method == "grid" and sweep.objective == "eval_loss"
-  assert sweep_lib.grid_points(sweep) == [
+  assert sweep_space.grid_points(sweep) == [
       {"model.num_experts": 4, "model.dispatch": "dropless"},
       {"model.num_experts": 4, "model.dispatch": "capacity"},
       {"model.num_experts": 8, "model.dispatch": "dropless"},
       {"model.num_experts": 8, "model.dispatch": "capacity"}]
-  assert sweep_lib.distributions(sweep) == {
+  assert sweep_space.distributions(sweep) == {
       "model.num_experts": CategoricalDistribution([4, 8]),
       "model.dispatch": CategoricalDistribution(["dropless", "capacity"])}
 
 
 def test_search_ranges_are_optuna_distributions():
-  sweep = sweep_lib.as_sweep(sweep_lib.Sweep(
-      params={"learning_rate": sweep_lib.loguniform(1e-4, 1e-2),
-              "model.router_aux_loss_coef": sweep_lib.uniform(0.0, 0.1),
-              "model.num_experts": sweep_lib.intuniform(2, 8, step=2),
-              "model.dispatch": sweep_lib.choice("dropless", "capacity"),
+  sweep = sweep_space.as_sweep(sweep_space.Sweep(
+      params={"learning_rate": sweep_space.loguniform(1e-4, 1e-2),
+              "model.router_aux_loss_coef": sweep_space.uniform(0.0, 0.1),
+              "model.num_experts": sweep_space.intuniform(2, 8, step=2),
+              "model.dispatch": sweep_space.choice("dropless", "capacity"),
               "seed": [0, 1]},
       method="tpe", num_trials=5))
-  assert sweep_lib.distributions(sweep) == {
+  assert sweep_space.distributions(sweep) == {
       "learning_rate": FloatDistribution(1e-4, 1e-2, log=True),
       "model.router_aux_loss_coef": FloatDistribution(0.0, 0.1),
       "model.num_experts": IntDistribution(2, 8, step=2),
       "model.dispatch": CategoricalDistribution(["dropless", "capacity"]),
       "seed": CategoricalDistribution([0, 1])}
-  described = sweep_lib.describe(sweep)
+  described = sweep_space.describe(sweep)
   assert described["method"] == "tpe"
   assert optuna.distributions.json_to_distribution(
       described["params"]["learning_rate"]) == FloatDistribution(1e-4, 1e-2, log=True)
@@ -124,60 +125,60 @@ def test_search_ranges_are_optuna_distributions():
     ({"model.num_experts": []}, "'model.num_experts': give a non-empty list"),
     ({"model.num_experts": 4}, "'model.num_experts': expected a list of values or a range"),
     ({"model.num_experts": [4, 4]}, "repeats a value"),
-    ({"learning_rate": sweep_lib.loguniform(1e-4, 1e-2)}, "a range needs method 'random' or 'tpe'"),
-    (sweep_lib.Sweep({"seed": [0, 1]}, method="bayes"), "Sweep.method='bayes': must be one of"),
-    (sweep_lib.Sweep({"seed": [0, 1]}, method="random"), "needs a positive number of trials"),
-    (sweep_lib.Sweep({"seed": [0, 1]}, num_trials=3), "a grid runs every point"),
-    (sweep_lib.Sweep({"seed": [0, 1]}, direction="down"), "Sweep.direction='down'"),
+    ({"learning_rate": sweep_space.loguniform(1e-4, 1e-2)}, "a range needs method 'random' or 'tpe'"),
+    (sweep_space.Sweep({"seed": [0, 1]}, method="bayes"), "Sweep.method='bayes': must be one of"),
+    (sweep_space.Sweep({"seed": [0, 1]}, method="random"), "needs a positive number of trials"),
+    (sweep_space.Sweep({"seed": [0, 1]}, num_trials=3), "a grid runs every point"),
+    (sweep_space.Sweep({"seed": [0, 1]}, direction="down"), "Sweep.direction='down'"),
 ])
 def test_a_malformed_sweep_is_one_line(sweep, message):
-  with pytest.raises(sweep_lib.SweepError) as error:
-    sweep_lib.as_sweep(sweep)
+  with pytest.raises(sweep_space.SweepError) as error:
+    sweep_space.as_sweep(sweep)
   assert message in str(error.value) and "\n" not in str(error.value)
 
 
 def test_an_unknown_field_or_an_overridden_one_is_named():
   config = default.get_config()
-  with pytest.raises(sweep_lib.SweepError, match=r"sweep field 'model.num_expert' is no config "
+  with pytest.raises(sweep_space.SweepError, match=r"sweep field 'model.num_expert' is no config "
                      r"field; did you mean model.num_experts\?"):
-    sweep_lib.check_fields(config, sweep_lib.as_sweep({"model.num_expert": [4, 8]}))
-  with pytest.raises(sweep_lib.SweepError, match="'mesh.dcn' is a group of fields"):
-    sweep_lib.check_fields(config, sweep_lib.as_sweep({"mesh.dcn": [1]}))
-  grid = sweep_lib.as_sweep({"model.num_experts": [4, 8]})
-  sweep_lib.check_fields(config, grid, ["--config.seed=3"])
-  with pytest.raises(sweep_lib.SweepError, match="--config.model.num_experts sets a field the "
+    sweep_space.check_fields(config, sweep_space.as_sweep({"model.num_expert": [4, 8]}))
+  with pytest.raises(sweep_space.SweepError, match="'mesh.dcn' is a group of fields"):
+    sweep_space.check_fields(config, sweep_space.as_sweep({"mesh.dcn": [1]}))
+  grid = sweep_space.as_sweep({"model.num_experts": [4, 8]})
+  sweep_space.check_fields(config, grid, ["--config.seed=3"])
+  with pytest.raises(sweep_space.SweepError, match="--config.model.num_experts sets a field the "
                      "sweep varies"):
-    sweep_lib.check_fields(config, grid, ["--config.model.num_experts=2"])
+    sweep_space.check_fields(config, grid, ["--config.model.num_experts=2"])
 
 
 def test_a_point_the_validator_rejects_gets_its_message():
   base = default.get_config()
-  config = sweep_lib.trial_config(base, {"model.num_experts": 4, "learning_rate": 1e-3})
+  config = sweep_space.trial_config(base, {"model.num_experts": 4, "learning_rate": 1e-3})
   assert (config.model.num_experts, config.learning_rate) == (4, 1e-3)
   assert base.model.num_experts == 8  # the base is not changed
-  with pytest.raises(sweep_lib.SweepError, match=r"^config.model.experts_per_token: "):
-    sweep_lib.trial_config(base, {"model.experts_per_token": 16})
-  with pytest.raises(sweep_lib.SweepError, match=r"config.model.num_layers='four': the field "
+  with pytest.raises(sweep_space.SweepError, match=r"^config.model.experts_per_token: "):
+    sweep_space.trial_config(base, {"model.experts_per_token": 16})
+  with pytest.raises(sweep_space.SweepError, match=r"config.model.num_layers='four': the field "
                      "holds a int"):
-    sweep_lib.trial_config(base, {"model.num_layers": "four"})
-  assert sweep_lib.trial_flags({"learning_rate": 0.003, "model.remat": True, "seed": 2}) == [
+    sweep_space.trial_config(base, {"model.num_layers": "four"})
+  assert sweep_space.trial_flags({"learning_rate": 0.003, "model.remat": True, "seed": 2}) == [
       "--config.learning_rate=0.003", "--config.model.remat=true", "--config.seed=2"]
 
 
 def test_workers_share_the_gpus():
-  assert sweep_lib.split_gpus([], 3) == [None, None, None]
-  assert sweep_lib.split_gpus(["0", "1", "2", "3"], 2) == ["0,1", "2,3"]
-  assert sweep_lib.split_gpus(["4", "5", "6"], 3) == ["4", "5", "6"]
-  with pytest.raises(sweep_lib.SweepError, match="--workers=3: this host has 2 GPUs"):
-    sweep_lib.split_gpus(["0", "1"], 3)
+  assert sweep_driver.split_gpus([], 3) == [None, None, None]
+  assert sweep_driver.split_gpus(["0", "1", "2", "3"], 2) == ["0,1", "2,3"]
+  assert sweep_driver.split_gpus(["4", "5", "6"], 3) == ["4", "5", "6"]
+  with pytest.raises(sweep_space.SweepError, match="--workers=3: this host has 2 GPUs"):
+    sweep_driver.split_gpus(["0", "1"], 3)
 
 
 def test_another_space_in_the_same_workdir_is_refused(tmp_path):
-  sweep_lib.open_study(str(tmp_path), sweep_lib.as_sweep({"seed": [0, 1]}))
-  again = sweep_lib.open_study(str(tmp_path), sweep_lib.as_sweep({"seed": [0, 1]}))
+  sweep_study.open_study(str(tmp_path), sweep_space.as_sweep({"seed": [0, 1]}))
+  again = sweep_study.open_study(str(tmp_path), sweep_space.as_sweep({"seed": [0, 1]}))
   assert len(again.trials) == 2  # the grid is queued once
-  with pytest.raises(sweep_lib.SweepError, match="holds a sweep over another space"):
-    sweep_lib.open_study(str(tmp_path), sweep_lib.as_sweep({"seed": [0, 1, 2]}))
+  with pytest.raises(sweep_space.SweepError, match="holds a sweep over another space"):
+    sweep_study.open_study(str(tmp_path), sweep_space.as_sweep({"seed": [0, 1, 2]}))
 
 
 def test_a_grid_runs_in_two_workers_and_writes_its_results(tmp_path, repo, sweep_file,
@@ -228,7 +229,7 @@ def test_a_killed_sweep_resumes_its_trial_from_the_checkpoint(tmp_path, repo, sw
   workdir = str(tmp_path / "sweep")
   flags = [f"--config={config}", f"--workdir={workdir}", "--config.num_train_steps=10",
            "--poll_seconds=0.2"]
-  driver = subprocess.Popen([sys.executable, "-m", "mixtral_jax.sweep_main", *flags], cwd=repo,
+  driver = subprocess.Popen([sys.executable, "-m", "mixtral_jax.cli.sweep", *flags], cwd=repo,
                             env=one_device, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   metrics = os.path.join(workdir, "trial_0", "metrics.jsonl")
   deadline = time.monotonic() + 300
@@ -288,7 +289,7 @@ def test_bad_sweep_input_is_one_line(tmp_path, repo, sweep_file, one_device):
 def test_two_drivers_share_one_study(tmp_path, repo, sweep_file, one_device):
   config = sweep_file('{"model.num_experts": [2, 4], "model.experts_per_token": [1, 2]}')
   workdir = str(tmp_path / "sweep")
-  command = [sys.executable, "-m", "mixtral_jax.sweep_main", f"--config={config}",
+  command = [sys.executable, "-m", "mixtral_jax.cli.sweep", f"--config={config}",
              f"--workdir={workdir}"]
   drivers = [subprocess.Popen(command, cwd=repo, env=one_device, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -331,12 +332,12 @@ def test_workers_on_other_hosts_share_a_study_through_storage(tmp_path, kind):
              str(tmp_path / "shared" / "study.journal"))
   for name in ("shared", "a", "b"):
     os.makedirs(tmp_path / name)
-  grid = sweep_lib.as_sweep({"seed": [0, 1, 2]})
-  first = sweep_lib.open_study(str(tmp_path / "a"), grid, storage)
-  trial = first.ask(sweep_lib.distributions(grid))
+  grid = sweep_space.as_sweep({"seed": [0, 1, 2]})
+  first = sweep_study.open_study(str(tmp_path / "a"), grid, storage)
+  trial = first.ask(sweep_space.distributions(grid))
   first.tell(trial, 1.5)
   # Another host: its own directory, the same storage; the grid is not queued again.
-  other = sweep_lib.open_study(str(tmp_path / "b"), grid, storage)
+  other = sweep_study.open_study(str(tmp_path / "b"), grid, storage)
   assert [(t.number, t.state.name, t.params) for t in other.trials] == [
       (0, "COMPLETE", {"seed": 0}), (1, "WAITING", {}), (2, "WAITING", {})]
   assert not os.path.exists(tmp_path / "a" / "study.journal")
@@ -348,7 +349,7 @@ def test_a_stopped_sweep_saves_its_trial_and_a_rerun_finishes_it(tmp_path, repo,
   workdir = str(tmp_path / "sweep")
   flags = [f"--config={config}", f"--workdir={workdir}", "--config.num_train_steps=10",
            "--poll_seconds=0.2"]
-  driver = subprocess.Popen([sys.executable, "-m", "mixtral_jax.sweep_main", *flags], cwd=repo,
+  driver = subprocess.Popen([sys.executable, "-m", "mixtral_jax.cli.sweep", *flags], cwd=repo,
                             env=one_device, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
   metrics = os.path.join(workdir, "trial_0", "metrics.jsonl")

@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from mixtral_jax import tokenizer as tokenizer_lib
+from mixtral_jax.cli import tokenizer as tokenizer_cli
+from mixtral_jax.data import tokenizer as tokenizer_lib
 
 VOCAB_SIZE = 320  # 256 byte-fallback pieces + 4 specials + ~40 characters + merges
 
@@ -100,10 +101,10 @@ def test_cli_trains_on_a_glob_and_reports_bad_input_in_one_line(tmp_path, capsys
   for i, text in enumerate(CORPUS):
     (tmp_path / f"doc_{i}.txt").write_text(text)
   out = tmp_path / "cli.model"
-  assert tokenizer_lib.main(["train", "--files", f"{tmp_path}/*.txt", "--vocab",
+  assert tokenizer_cli.main(["train", "--files", f"{tmp_path}/*.txt", "--vocab",
                              str(VOCAB_SIZE), "--out", str(out)]) == 0
   assert tokenizer_lib.load_tokenizer(str(out)).vocab_size() == VOCAB_SIZE
-  assert tokenizer_lib.main(["train", "--files", f"{tmp_path}/*.md", "--vocab", "320",
+  assert tokenizer_cli.main(["train", "--files", f"{tmp_path}/*.md", "--vocab", "320",
                              "--out", str(tmp_path / "none.model")]) == 1
   error = capsys.readouterr().err
   assert re.fullmatch(r"error: --files: '.*\*\.md' matches no files\n", error), error

@@ -15,12 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixtral_jax import build as build_lib
-from mixtral_jax import checkpoint
 from mixtral_jax import config as config_lib
-from mixtral_jax import data as data_lib
-from mixtral_jax import tokenizer as tokenizer_lib
-from mixtral_jax import train
+from mixtral_jax.data import pipeline as data_lib
+from mixtral_jax.data import processes
+from mixtral_jax.data import tokenizer as tokenizer_lib
+from mixtral_jax.training import build as build_lib
+from mixtral_jax.training import checkpoint
+from mixtral_jax.training import loop as train
 
 
 @pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
@@ -236,7 +237,7 @@ def test_benchmark_step_is_the_program_training_runs(tmp_path, tiny_config, repo
   trained, = setups
   # Training's step as the loop called it: on a batch from the real data pipeline.
   data = data_lib.make_data(config)
-  layout = data_lib.Layout(trained.batch_sharding, config.global_batch_size)
+  layout = processes.ProcessRows(trained.batch_sharding, config.global_batch_size)
   batch = layout.global_batch(next(data.train_iterator()))
   trained_text = _compiled_text(trained.train_step, trained.abstract_state, batch)
   ours = reference.Ours(config)
@@ -316,28 +317,29 @@ def test_loop_reads_no_device_value_between_log_steps(tmp_path, tiny_config, mon
 
 
 def test_importing_the_library_defines_no_flags(repo):
-  # Every module but the command lines (main.py, sweep_main.py).
+  # Every module but the command lines (cli/, and main.py, which is mixtral-train's).
   script = (
       "import importlib, pkgutil\n"
       "from absl import flags\n"
       "import mixtral_jax\n"
-      "names = [m.name for m in pkgutil.iter_modules(mixtral_jax.__path__)\n"
-      "         if not m.name.endswith('main')]\n"
-      "assert {'train', 'build', 'step', 'convert'} <= set(names), names\n"
+      "names = [m.name for m in pkgutil.walk_packages(mixtral_jax.__path__, 'mixtral_jax.')\n"
+      "         if not m.name.startswith('mixtral_jax.cli') and m.name != 'mixtral_jax.main']\n"
+      "assert {'mixtral_jax.train', 'mixtral_jax.build', 'mixtral_jax.training.step',\n"
+      "        'mixtral_jax.tools.convert'} <= set(names), names\n"
       "for name in names:\n"
-      "  importlib.import_module('mixtral_jax.' + name)\n"
+      "  importlib.import_module(name)\n"
       "by_module = flags.FLAGS.flags_by_module_dict\n"
       "ours = lambda: sorted(m for m in by_module() if 'mixtral_jax' in m)\n"
       "print(ours())\n"
       "import mixtral_jax.main\n"
-      "print(ours(), sorted(f.name for f in by_module()['mixtral_jax.main']))\n")
+      "print(ours(), sorted(f.name for f in by_module()['mixtral_jax.cli.train']))\n")
   result = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True,
                           text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
   main_flags = ["config", "coordinator_address", "distributed", "distributed_init_timeout",
                 "heartbeat_timeout", "num_processes", "process_id", "shutdown_timeout",
                 "stop_at_step", "workdir"]
-  assert result.stdout.splitlines() == ["[]", f"['mixtral_jax.main'] {main_flags}"]
+  assert result.stdout.splitlines() == ["[]", f"['mixtral_jax.cli.train'] {main_flags}"]
 
 
 def test_profile_steps_trace_those_steps_and_a_bad_range_is_one_line(tmp_path, tiny_config):

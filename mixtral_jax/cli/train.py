@@ -1,0 +1,100 @@
+"""`mixtral-train`: the command line of the training loop (mixtral_jax/training/loop.py).
+
+    mixtral-train --config=configs/default.py --workdir=/tmp/run \
+        --config.num_train_steps=100 --config.model.dispatch=capacity
+
+(or `python -m mixtral_jax.main …`). Importing the library defines no flags; this does.
+"""
+
+import logging as pylogging
+import os
+import sys
+import traceback
+
+import jax
+from absl import app, flags, logging
+
+from mixtral_jax.cli import common
+from mixtral_jax.errors import UserError
+from mixtral_jax.parallel import distributed
+from mixtral_jax.runtime import cpu_runtime, interrupt
+from mixtral_jax.training import loop
+
+
+def _only_our_info(record: pylogging.LogRecord) -> bool:
+  """Keeps warnings and our own progress; drops libraries' INFO chatter (Orbax logs every save).
+
+  Orbax's background threads log a failed save with its traceback; the loop reports the
+  failure in one line, so their record keeps its message line only.
+  """
+  ours = f"{os.sep}mixtral_jax{os.sep}" in record.pathname
+  if f"{os.sep}orbax{os.sep}" in record.pathname:
+    record.exc_info = record.exc_text = None
+  return ours or record.levelno >= pylogging.WARNING
+
+
+_CONFIG = common.define_config_flag("configs/default.py", "Training config file.")
+_WORKDIR = flags.DEFINE_string("workdir", "workdir", "Directory for metrics and checkpoints.")
+_STOP_AT = flags.DEFINE_integer(
+    "stop_at_step", None, "End this run after this step, with a checkpoint, as a preemption "
+    "would: the schedule still runs to config.num_train_steps, which a rerun continues to.")
+_DISTRIBUTED = common.DistributedFlags()
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_only_our_info)
+  try:
+    config = _CONFIG.value
+    reuse_step_memory = config.get("cpu_reuse_step_memory", False)  # a failed load raises here
+  except common.FLAG_ERRORS as e:
+    raise common.config_flag_error(e, sys.argv) from None
+  if reuse_step_memory:  # before JAX creates its CPU client
+    cpu_runtime.reuse_step_memory()
+  given = None
+  try:
+    given = _DISTRIBUTED.settings()
+    if given is not None:
+      _DISTRIBUTED.join(given)
+    loop.train_and_evaluate(config, _WORKDIR.value, _STOP_AT.value)
+  except interrupt.Interrupted as e:
+    print(e, file=sys.stderr, flush=True)
+    raise SystemExit(128 + e.signum) from None  # the shell's code for death by that signal
+  except UserError as e:
+    _fail(f"error: {e}", several=given is not None)
+  except Exception as e:
+    if given is None:
+      raise
+    reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    if isinstance(e, jax.errors.JaxRuntimeError) and ("Gloo" in reason or "onnection" in reason):
+      _fail(f"error: a collective with another process of this run broke off ({reason}): that "
+            f"process probably died; this one stops too. {distributed.LOST_PEER}", several=True)
+    if isinstance(e, jax.errors.JaxRuntimeError) and "heartbeat timeout" in reason:
+      # A barrier (e.g. Orbax's) met the lost peer before the service's own fatal report.
+      _fail(distributed.lost_peer_line(reason, _DISTRIBUTED.heartbeat_timeout.value),
+            several=True)
+    traceback.print_exc()
+    _fail("", several=True)
+
+
+def _fail(message: str, several: bool) -> None:
+  """Exits with code 1 after `message`. One of several processes exits at once: JAX's shutdown
+  would wait for peers that may be blocked in a collective with this one; they see it gone by
+  its heartbeats instead."""
+  if not several:
+    raise SystemExit(message) from None
+  if message:
+    print(message, file=sys.stderr)
+  sys.stdout.flush()
+  distributed.close_stderr()
+  os._exit(1)
+
+
+def run() -> None:
+  """Console-script entry point (`mixtral-train`)."""
+  app.run(main, flags_parser=common.parse_flags)
+
+
+if __name__ == "__main__":
+  run()
