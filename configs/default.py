@@ -96,6 +96,13 @@ def get_config() -> ml_collections.ConfigDict:
   model.router_z_loss_coef = 0.001
   # Multiplicative uniform jitter on router inputs during training (0 = off).
   model.router_jitter_noise = 0.0
+  # How experts are kept in balance: "aux_loss" (the load-balancing loss above), "aux_free"
+  # (DeepSeek-V3: a per-expert bias on the router's probabilities that shifts which experts are
+  # selected, not their weights, nudged after every step toward the global balanced load; the
+  # aux loss is then off) or "both" (the bias and the aux loss, then typically with a small coef).
+  model.router_balance = "aux_loss"
+  # Step of the aux-free bias per optimizer update: b_e += rate * sign(mean load - load_e).
+  model.router_bias_rate = 1e-3
   # RoPE base frequency.
   model.rope_theta = 1e6
   # RMSNorm epsilon.

@@ -24,3 +24,15 @@ def test_an_unknown_dtype_is_refused_in_one_line():
                      match=r"^config\.model\.dtype: unknown dtype 'float16'; expected one of "
                            r"\['auto', 'float32', 'bfloat16'\]$"):
     config_lib.validate_model(model)
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_a_note():
+  config = default.get_config()
+  saved = config_lib.json_of(config)
+  del saved["model"]["router_balance"]  # as written before model.router_balance existed
+  changes = config_lib.check_resume(saved, config, "ckpt")
+  assert changes == ["model.router_balance: None → 'aux_loss'"]
+  saved["model"]["router_balance"] = "aux_free"  # recorded, and different: refused
+  with pytest.raises(config_lib.ConfigError, match=r"^config.model.router_balance: 'aux_loss' "
+                                                   r"here, 'aux_free' in ckpt"):
+    config_lib.check_resume(saved, config, "ckpt")

@@ -155,7 +155,7 @@ def hf_tiny(path, fused=False):
 
 
 def tensors(path):
-  reader = convert._SafetensorsReader(str(path))
+  reader = convert.SafetensorsReader(str(path))
   return {key: reader._file("model.safetensors").get_tensor(key) for key in reader.keys}
 
 

@@ -9,6 +9,7 @@ from configs import default
 from mixtral_jax import config as config_lib
 from mixtral_jax.model import router
 from mixtral_jax.model.expert_parallel import ExpertParallelDispatcher
+from mixtral_jax.model.mixtral import router_bias
 from mixtral_jax.parallel import sharding
 from mixtral_jax.runtime.hlo_stats import all_to_all_bytes
 from mixtral_jax.training import build
@@ -84,6 +85,25 @@ def test_expert_parallel_equals_single_device(mesh_shape, dispatch, model):
                grads1)
   np.testing.assert_allclose(losses8, losses1, rtol=1e-4)
   assert losses8[-1] < losses8[0]
+
+
+def test_aux_free_balancing_on_an_expert_parallel_mesh_equals_one_device():
+  # The bias is replicated and updated from the global load: every device holds the same one,
+  # and it equals the one-device run's.
+  finals = []
+  for mesh_shape, devices in (((1, 1, 1, 1), jax.devices()[:1]), ((2, 1, 4, 1), jax.devices())):
+    config = tiny_config(mesh_shape)
+    config.model.update(router_balance="aux_free", router_bias_rate=0.01)
+    setup = build.build(config, devices)
+    state, losses = setup.state, []
+    for batch in batches(10, config):
+      state, metrics = setup.train_step(state, jax.device_put(batch, setup.batch_sharding))
+      losses.append(float(metrics["loss"]))
+    finals.append((losses, router_bias(state.params)))
+  (losses1, bias1), (losses8, bias8) = finals
+  np.testing.assert_allclose(losses8, losses1, rtol=1e-4)
+  assert bias8.sharding.is_fully_replicated and np.abs(np.asarray(bias1)).max() > 0
+  np.testing.assert_allclose(bias8, bias1, atol=1e-7)
 
 
 @pytest.mark.parametrize("mesh_shape", [(2, 1, 4, 1), (1, 1, 8, 1), (1, 2, 2, 2)])

@@ -59,6 +59,32 @@ def test_tensorboard_holds_every_metric_per_layer_and_per_expert(tmp_path, tiny_
     assert sum(record["aux_loss_per_layer"]) / 2 == pytest.approx(record["aux_loss"], rel=1e-5)
 
 
+def test_tensorboard_holds_the_expert_health_and_the_bias_range(tmp_path, tiny_config,
+                                                                 metrics):
+  config = tiny_config()
+  config.model.update(router_balance="aux_free", router_bias_rate=0.01)
+  run = str(tmp_path / "run")
+  train.train_and_evaluate(config, run)
+  records, board = metrics(run), _board(run)
+  logged = [r for r in records if "loss" in r]
+  for tag, name, index in (("max_load_ratio", "max_load_ratio", ()),
+                           ("starved_experts", "starved_experts", ()),
+                           ("max_load_ratio/layer_1", "max_load_ratio_per_layer", (1,)),
+                           ("starved_experts/layer_0", "starved_experts_per_layer", (0,)),
+                           ("router_bias_range/layer_0", "router_bias_range_per_layer", (0,)),
+                           ("router_bias_range/layer_1", "router_bias_range_per_layer", (1,))):
+    values = [r[name] for r in logged]
+    for i in index:
+      values = [v[i] for v in values]
+    got = _series(board, tag)
+    assert [s for s, _ in got] == [r["step"] for r in logged], tag
+    assert [v for _, v in got] == pytest.approx(values, rel=1e-6), tag
+  for record in logged:  # 4 experts: the busiest holds between 1/4 and 1/2 of the slots (k=2)
+    assert all(1.0 <= x <= 2.0 for x in record["max_load_ratio_per_layer"])
+    assert all(0 <= x <= 2 for x in record["starved_experts_per_layer"])
+  assert logged[-1]["router_bias_range_per_layer"][0] > 0
+
+
 def test_a_resumed_run_replaces_the_events_it_logs_again(tmp_path, tiny_config, metrics):
   run = str(tmp_path / "run")
   config = tiny_config(checkpoint_every_steps=4, log_every_steps=2, eval_every_steps=0)

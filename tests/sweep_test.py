@@ -212,7 +212,7 @@ def test_a_grid_runs_in_two_workers_and_writes_its_results(tmp_path, repo, sweep
   assert table.splitlines()[0].startswith("| trial | state | model.num_experts | "
                                           "model.experts_per_token | eval_loss | ce_loss |")
   assert len(table.splitlines()) == 6 and table in result.stdout
-  for name in ("eval_loss_curves.png", "objective_by_field.png"):
+  for name in ("eval_loss_curves.png", "max_load_curves.png", "objective_by_field.png"):
     with open(os.path.join(workdir, name), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   again = _sweep(repo, one_device, f"--config={config}", f"--workdir={workdir}",

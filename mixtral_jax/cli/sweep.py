@@ -127,7 +127,7 @@ def _sweep() -> int:
           file=sys.stderr)
     return 128 + stopped_by[0]
   print(f"results: {workdir}/results.md, results.csv, eval_loss_curves.png, "
-        "objective_by_field.png")
+        "max_load_curves.png, objective_by_field.png")
   return 0
 
 

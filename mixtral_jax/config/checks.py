@@ -13,6 +13,7 @@ GROUPED_MATMULS = ("auto", "blocked", "ragged_dot")
 DTYPES = ("auto", "float32", "bfloat16")
 ALL_TO_ALLS = ("padded", "ragged")
 ATTENTIONS = ("auto", "blocked", "splash", "dot_product")
+ROUTER_BALANCES = ("aux_loss", "aux_free", "both")
 DATA_SOURCES = ("stdlib", "files", "tfds")
 # The mesh's axes, in order (parallel/sharding.py builds it; this module only checks sizes).
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -70,6 +71,10 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
   require(model.rms_norm_eps > 0, "model.rms_norm_eps", f"must be positive, got {model.rms_norm_eps}")
   require(0 <= model.router_jitter_noise < 1, "model.router_jitter_noise",
            f"must be in [0, 1), got {model.router_jitter_noise}")
+  require(model.router_balance in ROUTER_BALANCES, "model.router_balance",
+          f"unknown balancing {model.router_balance!r}; expected one of {list(ROUTER_BALANCES)}")
+  require(model.router_bias_rate >= 0, "model.router_bias_rate",
+          f"must be >= 0, got {model.router_bias_rate}")
   for name in ("router_aux_loss_coef", "router_z_loss_coef"):
     require(model[name] >= 0, f"model.{name}", f"must be >= 0, got {model[name]}")
 

@@ -14,8 +14,8 @@ _RESUME_FIXED = (
     "seed", "model.vocab_size", "model.hidden_size", "model.intermediate_size",
     "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.head_dim",
     "model.num_experts", "model.experts_per_token", "model.rope_theta", "model.rms_norm_eps",
-    "model.sliding_window", "model.scan_layers", "data.source", "data.files", "data.text_key", "data.tfds_name",
-    "data.train_split", "data.eval_split", "data.eval_fraction", "data.tokenizer_path",
+    "model.sliding_window", "model.scan_layers", "model.router_balance", "data.source",
+    "data.files", "data.text_key", "data.tfds_name", "data.train_split", "data.eval_split", "data.eval_fraction", "data.tokenizer_path",
     "data.num_streams")
 # Settings expected to change between runs of one training (where and how it runs, how often it
 # logs): not worth a warning.
@@ -48,7 +48,9 @@ def check_resume(saved: dict, config: ml_collections.ConfigDict, where: str) -> 
            f"{config.grad_clip_norm} here, {before.get('grad_clip_norm')} in {where}: turning "
            f"clipping on or off changes the optimizer state's structure, which cannot resume")
   changed = [key for key in sorted(set(now) | set(before)) if now.get(key) != before.get(key)]
-  fixed = [key for key in changed if key in _RESUME_FIXED]
+  # A setting the checkpoint does not record (added since it was written) is listed, not
+  # refused: one that shapes the parameters differently fails the shape check anyway.
+  fixed = [key for key in changed if key in _RESUME_FIXED and key in before]
   if fixed and not config.allow_resume_changes:
     key = fixed[0]
     raise ConfigError(f"config.{key}: {now.get(key)!r} here, {before.get(key)!r} in {where}: "

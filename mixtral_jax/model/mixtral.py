@@ -118,6 +118,30 @@ def unstack_layers(params: dict) -> dict:
                      for i in range(num_layers)}}
 
 
+def _router(params: dict, layer: str) -> dict:
+  return params[layer]["moe"]["router"]
+
+
+def router_bias(params: dict) -> jax.Array:
+  """The aux-loss-free selection biases of every layer, [L, E] (router_balance != "aux_loss")."""
+  if "layers" in params:
+    return _router(params, "layers")["bias"]
+  layers = sorted((k for k in params if k.startswith("layer_")), key=lambda k: int(k[6:]))
+  return jnp.stack([_router(params, layer)["bias"] for layer in layers])
+
+
+def with_router_bias(params: dict, bias: jax.Array) -> dict:
+  """`params` with the selection biases set to `bias` [L, E] (nothing else copied)."""
+  def replaced(layer: str, value) -> dict:
+    block = params[layer]
+    router = {**block["moe"]["router"], "bias": value}
+    return {**block, "moe": {**block["moe"], "router": router}}
+  if "layers" in params:
+    return {**params, "layers": replaced("layers", bias)}
+  return {**params, **{f"layer_{i}": replaced(f"layer_{i}", bias[i])
+                       for i in range(bias.shape[0])}}
+
+
 def count_params(params, model_config) -> tuple[int, int]:
   """(total, active per token) parameter counts; active counts k of the E experts per layer."""
   total = sum(x.size for x in jax.tree.leaves(params))

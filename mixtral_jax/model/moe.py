@@ -39,7 +39,8 @@ class MoE(nn.Module):
     tokens = x.reshape(-1, hidden)  # [N, D]
     flat_mask = None if token_mask is None else token_mask.reshape(-1)
     routing = router_lib.Router(cfg.num_experts, cfg.experts_per_token, cfg.router_jitter_noise,
-                                name="router")(tokens, deterministic)
+                                cfg.router_balance != "aux_loss", name="router")(
+                                    tokens, deterministic)
     gate_up, down = ExpertWeights(cfg.num_experts, hidden, cfg.intermediate_size,
                                   jnp.dtype(cfg.dtype), name="experts")()
     out, dropped = make_dispatcher(cfg, self.mesh)(tokens, routing, gate_up, down)

@@ -24,6 +24,20 @@ def top_k_routing(logits, experts_per_token: int) -> Routing:
   return Routing(logits, expert_index.astype(jnp.int32), jax.nn.softmax(top_logits, axis=-1))
 
 
+def biased_top_k_routing(logits, bias, experts_per_token: int) -> Routing:
+  """Aux-loss-free routing (DeepSeek-V3): the top-k of the probabilities plus `bias` [E] are
+  selected, and weighted by their unbiased probabilities, renormalised over the k.
+
+  The bias steers only which experts are chosen; it takes no gradient (see step.py for its
+  update). With a zero bias this selects as `top_k_routing` does.
+  """
+  probs = jax.nn.softmax(logits, axis=-1)  # [T, E]
+  _, expert_index = jax.lax.top_k(probs + jax.lax.stop_gradient(bias), experts_per_token)
+  chosen = jnp.take_along_axis(probs, expert_index, axis=-1)  # [T, k]
+  return Routing(logits, expert_index.astype(jnp.int32),
+                 chosen / jnp.sum(chosen, axis=-1, keepdims=True))
+
+
 def _masked_mean(x, token_mask, axis=0):
   if token_mask is None:
     return jnp.mean(x, axis=axis)
@@ -66,10 +80,12 @@ def z_loss(logits, token_mask: Optional[jax.Array] = None):
 
 
 class Router(nn.Module):
-  """Linear router without bias; logits in float32 whatever the compute dtype."""
+  """Linear router; logits in float32 whatever the compute dtype. With `selection_bias`, a
+  per-expert `bias` (no gradient) shifts the selection (`biased_top_k_routing`)."""
   num_experts: int
   experts_per_token: int
   jitter_noise: float = 0.0
+  selection_bias: bool = False
 
   @nn.compact
   def __call__(self, x, deterministic: bool) -> Routing:  # x [T, D]
@@ -81,4 +97,9 @@ class Router(nn.Module):
       noise = jax.random.uniform(self.make_rng("jitter"), x.shape, jnp.float32,
                                  1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
       x = x * noise
+    if self.selection_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             ("exp_router",)),
+                        (self.num_experts,), jnp.float32)
+      return biased_top_k_routing(x @ kernel, bias, self.experts_per_token)
     return top_k_routing(x @ kernel, self.experts_per_token)

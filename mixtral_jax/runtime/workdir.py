@@ -45,7 +45,8 @@ class SweepDir:
     return WorkDir(os.path.join(self.path, f"trial_{number}"))
 
   def result(self, name: str) -> str:
-    """A results file: results.csv, results.md, eval_loss_curves.png, objective_by_field.png."""
+    """A results file: results.csv, results.md, eval_loss_curves.png, max_load_curves.png,
+    objective_by_field.png."""
     return os.path.join(self.path, name)
 
   def lock(self, purpose: str) -> DirectoryLock:

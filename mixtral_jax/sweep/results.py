@@ -19,7 +19,8 @@ _STATE_ORDER = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1, TrialState.RUNNING
                 TrialState.WAITING: 3, TrialState.FAIL: 4}
 # (column, metrics.jsonl name): the last logged value of each.
 _LAST = (("eval_loss", "eval_loss"), ("ce_loss", "ce_loss"), ("aux_loss", "aux_loss"),
-         ("dropped_fraction", "dropped_fraction"))
+         ("dropped_fraction", "dropped_fraction"), ("max_load_ratio", "max_load_ratio"),
+         ("starved_experts", "starved_experts"))
 
 
 def _records(workdir: str, number: int) -> list[dict]:
@@ -103,19 +104,26 @@ def _label(row: dict[str, Any], fields: list[str]) -> str:
   return f"trial {row['trial']}: " + ", ".join(f"{f.split('.')[-1]}={row[f]}" for f in fields)
 
 
+# The curves plotted per trial: metrics.jsonl name → (file, axis label, title).
+_CURVES = {"eval_loss": ("eval_loss_curves.png", "eval loss (nats/token)",
+                         "Eval loss of each trial"),
+           "max_load_ratio": ("max_load_curves.png", "busiest expert's load ÷ balanced load",
+                              "Expert balance of each trial (worst layer; 1 = balanced)")}
+
+
 def plot_curves(study: optuna.Study, records_of: dict[int, list[dict]],
-                table: list[dict[str, Any]], path: str) -> None:
-  """Eval loss against step, one line per trial (`records_of` as in `rows`)."""
+                table: list[dict[str, Any]], path: str, metric: str = "eval_loss") -> None:
+  """`metric` (a key of _CURVES) against step, one line per trial (`records_of` as in `rows`)."""
+  _, ylabel, title = _CURVES[metric]
   fields = list(space(study)["params"])
   figure, axes = plt.subplots(figsize=(7, 4.5))
   for row in sorted(table, key=lambda r: r["trial"]):
-    points = [(r["step"], r["eval_loss"]) for r in records_of.get(row["trial"], [])
-              if "eval_loss" in r]
+    points = [(r["step"], r[metric]) for r in records_of.get(row["trial"], []) if metric in r]
     if points:
       steps, losses = zip(*points)
       axes.plot(steps, losses, marker="o", markersize=3, label=_label(row, fields) +
                 ("" if row["state"] == "complete" else f" ({row['state']})"))
-  axes.set(xlabel="step", ylabel="eval loss (nats/token)", title="Eval loss of each trial")
+  axes.set(xlabel="step", ylabel=ylabel, title=title)
   axes.grid(alpha=0.3)
   if axes.lines:
     axes.legend(fontsize=7)
@@ -158,6 +166,8 @@ def write(study: optuna.Study, workdir: str) -> list[dict[str, Any]]:
   sweep_dir = SweepDir(workdir)
   write_atomically(sweep_dir.result("results.csv"), to_csv(table).encode())
   write_atomically(sweep_dir.result("results.md"), to_markdown(table).encode())
-  plot_curves(study, records_of, table, sweep_dir.result("eval_loss_curves.png"))
+  for metric, (name, _, _) in _CURVES.items():
+    if metric == "eval_loss" or any(metric in r for rs in records_of.values() for r in rs):
+      plot_curves(study, records_of, table, sweep_dir.result(name), metric)
   plot_by_field(study, table, sweep_dir.result("objective_by_field.png"))
   return table

@@ -125,8 +125,17 @@ _TOKENIZER_CONFIG = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False
 
 def export_hf(params, model_config, out_dir: str, max_shard_bytes: int = 4 << 30,
               tokenizer_model: Optional[str] = None) -> None:
-  """Writes config.json, safetensors and (if given) the tokenizer to `out_dir`, atomically."""
+  """Writes config.json, safetensors and (if given) the tokenizer to `out_dir`, atomically.
+
+  ConversionError for a model that HF's Mixtral cannot route as we do (aux-loss-free biases).
+  """
   out_dir = os.path.abspath(out_dir)
+  balance = model_config.get("router_balance", "aux_loss")
+  if balance != "aux_loss":
+    raise ConversionError(
+        f"model.router_balance={balance!r}: the router selects experts with per-expert biases, "
+        f"which HF's MixtralForCausalLM has no place for (its routing would differ); nothing "
+        f"written")
   if os.path.exists(out_dir):
     raise OutputExistsError(f"--out {out_dir} already exists; choose a new directory")
   parent = os.path.dirname(out_dir)
@@ -186,7 +195,7 @@ def _update_from_hf(model: ml_collections.ConfigDict, hf: dict, rope: dict) -> N
       router_aux_loss_coef=hf.get("router_aux_loss_coef", model.router_aux_loss_coef))
 
 
-class _SafetensorsReader:
+class SafetensorsReader:
   """Reads tensors by key from model.safetensors or the shards an index names, as numpy."""
 
   def __init__(self, hf_dir: str):
@@ -258,10 +267,10 @@ def params_from_hf(read, model_config) -> dict:
         "moe": {"router": {"kernel": router.T}, "experts": {"gate_up": gate_up, "down": down}}}
   if m.scan_layers:
     params = stack_layers(params, m.num_layers)
-  return _float32_on_host(params)
+  return float32_on_host(params)
 
 
-def _float32_on_host(tree: dict) -> dict:
+def float32_on_host(tree: dict) -> dict:
   """Float32 jax arrays on the host CPU (checkpoints hold float32), converted in place.
 
   jax arrays, as Orbax copies numpy ones whole before writing them; in place, so that each
@@ -269,7 +278,7 @@ def _float32_on_host(tree: dict) -> dict:
   """
   cpu = jax.devices("cpu")[0]
   for key, value in tree.items():
-    tree[key] = (_float32_on_host(value) if isinstance(value, dict)
+    tree[key] = (float32_on_host(value) if isinstance(value, dict)
                  else jax.device_put(np.asarray(value, np.float32), cpu))
   return tree
 
@@ -286,16 +295,25 @@ def import_hf(hf_dir: str, workdir: str,
   """
   config = base.copy_and_resolve_references()
   config.model = model_config_from_hf(hf_dir, base.model)
-  reader = _SafetensorsReader(hf_dir)
+  reader = SafetensorsReader(hf_dir)
+  return write_step0(config, lambda: params_from_hf(reader, config.model), workdir, hf_dir)
+
+
+def write_step0(config: ml_collections.ConfigDict, make_params, workdir: str,
+                tokenizer_dir: Optional[str] = None) -> ml_collections.ConfigDict:
+  """Saves `make_params()` (our parameters for `config`, float32 on the host) as the
+  parameters-only step-0 checkpoint of `workdir`; returns `config`, whose data.tokenizer_path
+  names WORKDIR/tokenizer.model when `tokenizer_dir` holds a SentencePiece tokenizer.model.
+  ConversionError if `workdir` already holds checkpoints (checked before `make_params` runs)."""
   largest = max(x.size * x.dtype.itemsize
                 for x in jax.tree.leaves(build_lib.host_abstract_params(config)))
   checkpointer = checkpoint.Checkpointer(workdir, keep=1, save_bytes_in_flight=2 * largest)
   if checkpointer.latest_step() is not None:
     raise ConversionError(f"{checkpointer.directory} already holds checkpoints; use a new workdir")
-  params = params_from_hf(reader, config.model)
-  if os.path.exists(os.path.join(hf_dir, "tokenizer.model")):
+  params = make_params()
+  if tokenizer_dir and os.path.exists(os.path.join(tokenizer_dir, "tokenizer.model")):
     config.data.tokenizer_path = os.path.abspath(WorkDir(workdir).tokenizer)
-    shutil.copyfile(os.path.join(hf_dir, "tokenizer.model"), config.data.tokenizer_path)
+    shutil.copyfile(os.path.join(tokenizer_dir, "tokenizer.model"), config.data.tokenizer_path)
   checkpointer.save_params(0, params, checkpoint.Meta(json.loads(config.to_json_best_effort()),
                                                       data_position=0))
   checkpointer.close()

@@ -2,7 +2,9 @@
 
     loss.png         train and eval loss against step
     expert_load.png  a heatmap per layer: experts × logged steps, colour = the fraction of
-                     token-slots each expert got, centred on the balanced 1/E
+                     token-slots each expert got, centred on the balanced 1/E; each title
+                     gives the last log's busiest expert ÷ balanced, the starved experts
+                     (under a tenth of balanced) and, for aux-free balancing, the bias range
 
 Training writes them into its workdir when it ends.
 """
@@ -52,6 +54,17 @@ def plot_losses(records: list[dict[str, Any]], path: str) -> None:
   save_png(figure, path)
 
 
+def _health(record: dict[str, Any], layer: int) -> str:
+  """The last logged balance figures of `layer` (training/step.py's expert_health), if any."""
+  if "max_load_ratio_per_layer" not in record:
+    return ""
+  text = (f"\nmax/balanced {record['max_load_ratio_per_layer'][layer]:.2f}, starved "
+          f"{record['starved_experts_per_layer'][layer]:.0f}")
+  if "router_bias_range_per_layer" in record:
+    text += f", bias range {record['router_bias_range_per_layer'][layer]:.3f}"
+  return text
+
+
 def plot_expert_load(records: list[dict[str, Any]], path: str) -> None:
   """One heatmap per layer of the expert load at each logged step."""
   logged = [r for r in records if "expert_load" in r]
@@ -74,7 +87,8 @@ def plot_expert_load(records: list[dict[str, Any]], path: str) -> None:
     ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 5)).round().astype(int))
     axis.set_xticks(ticks, [str(steps[t]) for t in ticks])
     axis.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    axis.set(title=f"layer {layer}", xlabel="step", ylabel="expert")
+    axis.set(title=f"layer {layer}" + _health(logged[-1], layer), xlabel="step",
+             ylabel="expert")
   bar = figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9)
   bar.set_label("fraction of token-slots")
   bar.set_ticks([0.0, balanced, norm.vmax], labels=["0", f"1/{experts} balanced",

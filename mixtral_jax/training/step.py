@@ -9,7 +9,7 @@ import ml_collections
 import optax
 
 from mixtral_jax import config as config_lib
-from mixtral_jax.model.mixtral import Mixtral
+from mixtral_jax.model.mixtral import Mixtral, router_bias, with_router_bias
 from mixtral_jax.parallel import sharding
 from mixtral_jax.training import loss as loss_lib
 from mixtral_jax.training.optimizer import learning_rate_schedule
@@ -57,6 +57,9 @@ def make_loss_fn(model: Mixtral) -> Callable:
   """
   model_config = model.config
   config_lib.require_resolved(model_config, "the loss")
+  # Aux-loss-free balancing replaces the loss (it is still logged); "both" keeps it.
+  aux_coef = (0.0 if model_config.router_balance == "aux_free"
+              else model_config.router_aux_loss_coef)
 
   def loss_fn(params, batch: Batch, rng):
     outputs, stats = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
@@ -73,7 +76,7 @@ def make_loss_fn(model: Mixtral) -> Callable:
       ce_sum, weight_sum = loss_lib.cross_entropy(outputs, batch["targets"], batch["weights"])
     ce = ce_sum / jnp.maximum(weight_sum, 1.0)
     aux, z = jnp.mean(stats.aux_loss), jnp.mean(stats.z_loss)
-    loss = ce + model_config.router_aux_loss_coef * aux + model_config.router_z_loss_coef * z
+    loss = ce + aux_coef * aux + model_config.router_z_loss_coef * z
     # Means over layers, and per layer ([L]; expert_load [L, E]).
     metrics = {"loss": loss, "ce_loss": ce, "aux_loss": aux, "z_loss": z,
                "dropped_fraction": jnp.mean(stats.dropped_fraction),
@@ -86,12 +89,34 @@ def make_loss_fn(model: Mixtral) -> Callable:
   return loss_fn
 
 
+def expert_health(expert_load, bias=None) -> dict[str, jax.Array]:
+  """Per-layer balance figures from the step's global expert load [L, E] (fractions of the
+  token-slots): the busiest expert's load ÷ the balanced load, the experts below a tenth of the
+  balanced load ("starved"), and with aux-free balancing the spread of its biases [L, E]."""
+  num_experts = expert_load.shape[-1]
+  max_ratio = jnp.max(expert_load, axis=-1) * num_experts  # [L]
+  starved = jnp.sum(expert_load < 0.1 / num_experts, axis=-1).astype(jnp.float32)  # [L]
+  health = {"max_load_ratio": jnp.max(max_ratio), "starved_experts": jnp.sum(starved),
+            "max_load_ratio_per_layer": max_ratio, "starved_experts_per_layer": starved}
+  if bias is not None:
+    health["router_bias_range_per_layer"] = jnp.max(bias, axis=-1) - jnp.min(bias, axis=-1)
+  return health
+
+
+def balanced_bias(bias, expert_load, rate: float):
+  """The aux-loss-free update (DeepSeek-V3): each expert's bias [L, E] moves by `rate` toward
+  the balanced load, b_e += rate · sign(mean load − load_e), from the step's global load."""
+  mean = 1.0 / expert_load.shape[-1]  # loads are fractions summing to 1
+  return bias + rate * jnp.sign(mean - expert_load)
+
+
 def make_train_step(config: ml_collections.ConfigDict, model: Mixtral,
                     optimizer: optax.GradientTransformation) -> Callable:
   """train_step(state, batch) → (state, metrics); accumulates `grad_accum_steps` micro-batches."""
   grad_fn = jax.value_and_grad(make_loss_fn(model), has_aux=True)
   schedule = learning_rate_schedule(config)
   accum = config.grad_accum_steps
+  selection_bias = model.config.router_balance != "aux_loss"  # aux_free or both
 
   def train_step(state: TrainState, batch: Batch):
     rng, step_rng = jax.random.split(state.rng)
@@ -109,6 +134,11 @@ def make_train_step(config: ml_collections.ConfigDict, model: Mixtral,
     metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    bias = None
+    if selection_bias:  # once per step, from the micro-batches' mean (global) load
+      bias = balanced_bias(router_bias(params), metrics["expert_load"],
+                           model.config.router_bias_rate)
+      params = with_router_bias(params, bias)
     grad_norm = optax.tree.norm(grads)
     # A NaN/Inf loss, gradient or update (finite gradients can still give one, e.g. through
     # the optimizer's moments) leaves parameters and moments as they were; the batch is spent.
@@ -119,7 +149,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: Mixtral,
     opt_state = keep_if_finite(opt_state, state.opt_state)
     streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
     metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step),
-                   skipped=(~finite).astype(jnp.float32), nonfinite_streak=streak)
+                   skipped=(~finite).astype(jnp.float32), nonfinite_streak=streak,
+                   **expert_health(metrics["expert_load"], bias))
     return TrainState(state.step + 1, params, opt_state, rng, streak), metrics
 
   return train_step

@@ -1,0 +1,27 @@
+"""Sweep: how the default tiny MoE keeps its 8 experts balanced, on the embedded corpus: the aux
+loss (Switch), aux-loss-free selection biases (DeepSeek-V3), or both.
+
+    mixtral-sweep --config=configs/sweeps/balancing.py --workdir=workdir/sweeps/balancing
+
+Six trials of 250 steps (each method at the bias rates 1e-3 and 1e-2; the aux loss ignores the
+rate, so its two trials are one run twice); their table (eval loss, the busiest expert's load ÷
+the balanced load, starved experts) and plots are in the README.
+"""
+
+from configs import default
+
+
+def get_config():
+  """The base of every trial: the default config for 250 steps, evaluated every 50."""
+  config = default.get_config()
+  config.num_train_steps = 250
+  config.eval_every_steps = 50
+  config.checkpoint_every_steps = 125
+  return config
+
+
+def get_sweep():
+  """A grid over the balancing method and the bias's step (the aux coefficient stays the
+  default's 0.02)."""
+  return {"model.router_balance": ["aux_loss", "aux_free", "both"],
+          "model.router_bias_rate": [1e-3, 1e-2]}
