@@ -12,6 +12,7 @@ inherit the directory from the controlling process, which removes it.
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -173,3 +174,14 @@ def build_on_one_device():
   """build_on_one_device(config, abstract=False): `build.build` on the first device alone."""
   return lambda config, abstract=False: build_lib.build(config, jax.devices()[:1],
                                                          abstract=abstract)
+
+
+def assert_output(result, stdout=None, stderr=()) -> None:
+  """A command's whole output: each stdout line matches the regex of `stdout` at its place (None:
+  stdout unchecked), and stderr is exactly the lines `stderr` (by default, nothing)."""
+  if stdout is not None:
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(stdout), result.stdout
+    for line, pattern in zip(lines, stdout):
+      assert re.fullmatch(pattern, line), (line, pattern)
+  assert result.stderr.splitlines() == list(stderr), result.stderr[-3000:]

@@ -102,7 +102,9 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(
                             timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
     # Orbax's and TensorStore's threads may still print their own lines (even tracebacks) as
-    # the process exits; the run's own report is one line.
+    # the process exits: asyncio's "Task exception was never retrieved" for Orbax's abandoned
+    # writes came after ours in a fresh-clone run (issue 35 keeps this open); the run's own
+    # report is one line.
     # The disk fills during a checkpoint save or a metrics write, whichever comes first.
     pattern = (rf"error: (?:saving a checkpoint in {workdir}/checkpoints|writing metrics in "
                rf"{workdir}) failed \(.+\); the last complete checkpoint is step (\d+)")

@@ -170,3 +170,13 @@ def test_blocked_swiglu_matches_per_block_reference(num_active):
   for g, e in zip(got16, want):
     assert g.dtype == jnp.bfloat16
     np.testing.assert_allclose(g.astype(jnp.float32), e, rtol=0.05, atol=0.05 * np.abs(e).max())
+
+
+def test_capacity_rounds_a_fractional_share_up():
+  # 1.25 · 6 tokens · 2 slots / 4 experts = 3.75 rows: GShard's ceil gives 4 (floor, 3).
+  assert dispatch.expert_capacity(6, 4, 2, 1.25) == 4
+  # Counted by hand: expert 0 gets 4 slots, experts 1 and 2 three each, expert 3 two.
+  expert_index = jnp.array([[0, 1], [0, 2], [0, 3], [0, 1], [2, 3], [1, 2]])
+  layout = dispatch.capacity_layout(expert_index, 4, dispatch.expert_capacity(6, 4, 2, 1.25))
+  assert float(layout.dropped_fraction) == 0.0  # 3 rows would drop one of the 12 slots
+  assert int(jnp.sum(layout.slot_row < 4 * 4)) == 12

@@ -7,6 +7,7 @@ import sys
 from typing import Optional
 
 from mixtral_jax.cli import common
+from mixtral_jax.runtime import platforms
 from mixtral_jax.runtime.workdir import WorkDir
 from mixtral_jax.training import checkpoint
 
@@ -20,6 +21,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   info.add_argument("--verify", action="store_true", help="read every array back")
   info.add_argument("workdir", help="a training workdir")
   args = parser.parse_args(argv)
+  platforms.use_present_platforms()
   records = checkpoint.info(args.workdir, args.verify)
   if not records:
     print(f"no complete checkpoints in {WorkDir(args.workdir).checkpoints}")

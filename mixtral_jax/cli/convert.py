@@ -19,6 +19,7 @@ from typing import Optional
 import ml_collections
 
 from mixtral_jax.cli import common
+from mixtral_jax.runtime import platforms
 from mixtral_jax.runtime.workdir import WorkDir
 from mixtral_jax.tools import convert
 from mixtral_jax.tools import upcycle as upcycle_lib
@@ -55,6 +56,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                          help="relative std of noise on each expert's copy")
     command.add_argument("--upcycle_seed", type=int, default=0)
   args = parser.parse_args(argv)
+  platforms.use_present_platforms()
   if args.command == "to-hf":
     params, config = build_lib.restore_params(args.workdir, args.step)
     tokenizer = WorkDir(args.workdir).tokenizer

@@ -13,6 +13,7 @@ import jax
 from absl import logging
 
 from mixtral_jax.cli import common
+from mixtral_jax.runtime import platforms
 from mixtral_jax.data import sources
 from mixtral_jax.data import tokenizer as tokenizer_lib
 from mixtral_jax.runtime.workdir import WorkDir
@@ -37,6 +38,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--one_device", action="store_true",
                       help="sample on one device instead of the config's mesh")
   args = parser.parse_args(argv)
+  platforms.use_present_platforms()
   logging.set_verbosity(logging.ERROR)  # Orbax's notes on a read-only checkpoint manager
   texts = list(args.prompt)
   if args.prompt_file:

@@ -17,7 +17,7 @@ from absl import app, flags, logging
 from mixtral_jax.cli import common
 from mixtral_jax.errors import UserError
 from mixtral_jax.parallel import distributed
-from mixtral_jax.runtime import cpu_runtime, interrupt
+from mixtral_jax.runtime import cpu_runtime, interrupt, platforms
 from mixtral_jax.training import loop
 
 
@@ -45,6 +45,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_only_our_info)
+  platforms.use_present_platforms()
   try:
     config = _CONFIG.value
     reuse_step_memory = config.get("cpu_reuse_step_memory", False)  # a failed load raises here

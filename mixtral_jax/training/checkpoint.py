@@ -15,6 +15,7 @@ and cleaned up on restart.
 
 import contextlib
 import dataclasses
+import logging
 import os
 from typing import Any, Callable, Optional
 
@@ -51,6 +52,28 @@ def _shapes(tree) -> dict[str, tuple]:
 def _dir_bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(root, name))
              for root, _, names in os.walk(path) for name in names)
+
+
+class _DropReadOnlyNote(logging.Filter):
+  """Drops Orbax's note that a manager opened read-only is read-only: we asked for it."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def _quiet_read_only(read_only: bool):
+  """While a read-only manager is opened, its note about being read-only is not logged."""
+  if not read_only:
+    yield
+    return
+  note = _DropReadOnlyNote()
+  logger = logging.getLogger("absl")
+  logger.addFilter(note)
+  try:
+    yield
+  finally:
+    logger.removeFilter(note)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,15 +119,18 @@ class Checkpointer:
       # (gloo then aborts on a "collective mismatch"); the distributed client's barrier cannot.
       flags.FLAGS.set_default("experimental_orbax_use_distributed_barrier", True)
     limit = {"save_concurrent_gb": save_bytes_in_flight / 1e9} if save_bytes_in_flight else {}
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        item_handlers={"params": ocp.StandardCheckpointHandler(**limit),
-                       "train": ocp.StandardCheckpointHandler(**limit),
-                       "meta": ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=asynchronous,
-            cleanup_tmp_directories=True,
-            read_only=read_only, create=not read_only))
+    # Read-only, the saving options take the values Orbax would force (and warn about).
+    saving = ({"save_interval_steps": 0, "max_to_keep": None, "cleanup_tmp_directories": False}
+              if read_only else {"max_to_keep": keep, "cleanup_tmp_directories": True})
+    with _quiet_read_only(read_only):
+      self._manager = ocp.CheckpointManager(
+          self.directory,
+          item_handlers={"params": ocp.StandardCheckpointHandler(**limit),
+                         "train": ocp.StandardCheckpointHandler(**limit),
+                         "meta": ocp.JsonCheckpointHandler()},
+          options=ocp.CheckpointManagerOptions(
+              enable_async_checkpointing=asynchronous, read_only=read_only,
+              create=not read_only, **saving))
 
   def all_steps(self) -> list[int]:
     """Steps of the complete checkpoints, oldest first."""
