@@ -8,16 +8,7 @@ rate, so its two trials are one run twice); their table (eval loss, the busiest 
 the balanced load, starved experts) and plots are in the README.
 """
 
-from configs import default
-
-
-def get_config():
-  """The base of every trial: the default config for 250 steps, evaluated every 50."""
-  config = default.get_config()
-  config.num_train_steps = 250
-  config.eval_every_steps = 50
-  config.checkpoint_every_steps = 125
-  return config
+from configs.sweeps.experts import get_config  # noqa: F401  (the same base: 250 steps)
 
 
 def get_sweep():

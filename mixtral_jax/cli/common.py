@@ -48,13 +48,19 @@ def define_config_flag(default: Optional[str], help_text: str):
     raise config_flag_error(error, sys.argv) from None
 
 
+def parse_config_args(args: list[str], default: str) -> ml_collections.ConfigDict:
+  """The config of `--config=FILE` (else `default`) and the `--config.*` overrides in `args`, as
+  mixtral-train reads them; raises absl's and ml_collections' own errors."""
+  values = flags.FlagValues()
+  flag = config_flags.DEFINE_config_file("config", default, "Config file.", flag_values=values)
+  values(["config"] + list(args))
+  return flag.value
+
+
 def load_config(path: str) -> ml_collections.ConfigDict:
   """get_config() of the config file at `path`, as --config=PATH loads it (one line if not)."""
-  values = flags.FlagValues()
-  flag = config_flags.DEFINE_config_file("config", path, "", flag_values=values)
   try:
-    values(["load_config"])
-    return flag.value
+    return parse_config_args([], path)
   except FLAG_ERRORS as e:
     raise config_flag_error(e, [f"--config={path}"]) from None
 

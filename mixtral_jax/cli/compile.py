@@ -25,19 +25,14 @@ def main(argv: Optional[list[str]] = None) -> int:
   # Compile-only devices use no TPU: several compiles (or one beside training) may share libtpu.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from absl import flags
-  from ml_collections import config_flags
   from mixtral_jax.tools import compile as compile_lib  # after the environment above
   argv = sys.argv[1:] if argv is None else argv
   parser = argparse.ArgumentParser(prog="mixtral-compile", description=__doc__.splitlines()[0])
   parser.add_argument("--topology", required=True, help=", ".join(compile_lib.TOPOLOGIES))
   parser.add_argument("--save", help="directory for the report as report.json")
   args, config_args = parser.parse_known_args(argv)
-  values = flags.FlagValues()
-  config_flag = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
-                                                flag_values=values)
   try:
-    values(["mixtral-compile"] + config_args)
-    config = config_flag.value
+    config = common.parse_config_args(config_args, "configs/default.py")
   except (flags.Error, KeyError, AttributeError) as e:  # a flag, or a --config.* naming no field
     print(f"error: {str(e).strip().splitlines()[0]} (a --config.* flag names no config field?)"
           if not isinstance(e, flags.Error) else f"error: {e}", file=sys.stderr)
