@@ -176,12 +176,43 @@ def build_on_one_device():
                                                          abstract=abstract)
 
 
+class Repeated:
+  """In `assert_output`'s expected lines: any number of lines (none too) matching `pattern`."""
+
+  def __init__(self, pattern: str):
+    self.pattern = pattern
+
+  def __repr__(self) -> str:
+    return f"Repeated({self.pattern!r})"
+
+
+# The lines a run prints as it goes: absl log records (stderr), TFDS's two lines about building
+# a corpus's dataset and the progress bars (stdout).
+LOG_LINES = Repeated(r"[IW]\d{4} [\d:.]+ +\d+ \S+:\d+\] .*")
+DATA_LINES = Repeated(r"(Downloading and preparing dataset|Dataset \S+ downloaded and prepared) .*")
+PROGRESS_LINES = Repeated(r"step \d+/\d+ \[[#.]+\] .*")
+
+
+def _lines_match(lines: list[str], expected: list) -> bool:
+  if not expected:
+    return not lines
+  first, rest = expected[0], expected[1:]
+  if isinstance(first, Repeated):
+    for n in range(len(lines) + 1):  # n lines of `first`, then the rest
+      if _lines_match(lines[n:], rest):
+        return True
+      if n == len(lines) or not re.fullmatch(first.pattern, lines[n]):
+        return False
+    return False
+  return bool(lines) and bool(re.fullmatch(first, lines[0])) and _lines_match(lines[1:], rest)
+
+
 def assert_output(result, stdout=None, stderr=()) -> None:
-  """A command's whole output: each stdout line matches the regex of `stdout` at its place (None:
-  stdout unchecked), and stderr is exactly the lines `stderr` (by default, nothing)."""
-  if stdout is not None:
-    lines = result.stdout.splitlines()
-    assert len(lines) == len(stdout), result.stdout
-    for line, pattern in zip(lines, stdout):
-      assert re.fullmatch(pattern, line), (line, pattern)
-  assert result.stderr.splitlines() == list(stderr), result.stderr[-3000:]
+  """A command's whole output, line by line: `stdout` and `stderr` are lists of regexes, each
+  matching one line at its place, and `Repeated` regexes (any number of lines); None leaves
+  that stream unchecked. By default stderr must be empty."""
+  for name, expected in (("stdout", stdout), ("stderr", stderr)):
+    text = getattr(result, name)
+    if expected is not None:
+      assert _lines_match(text.splitlines(), list(expected)), (
+          f"{name} is not {expected}:\n{text[-4000:]}")

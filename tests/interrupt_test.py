@@ -8,8 +8,11 @@ import time
 
 import pytest
 
+from conftest import DATA_LINES, LOG_LINES, PROGRESS_LINES, Repeated, assert_output
+from mixtral_jax.data import processes
 from mixtral_jax.runtime import interrupt
 from mixtral_jax.training import checkpoint
+from mixtral_jax.training import loop as train
 
 
 def _start(args, env, repo, until: str) -> subprocess.Popen:
@@ -39,10 +42,12 @@ def test_a_signal_saves_at_the_next_step_and_a_rerun_resumes(tmp_path, train_com
   _, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 128 + signum, stderr[-2000:]
   name = signal.Signals(signum).name
-  last = stderr.strip().splitlines()[-1]
-  match = re.fullmatch(rf"stopped by {name} at step (\d+): checkpoint (\d+) saved; run the "
-                       rf"same command again to resume", last)
-  assert match and match[1] == match[2], last
+  line = rf"stopped by {name} at step (\d+): checkpoint (\d+) saved; run the same command " \
+         rf"again to resume"
+  assert_output(subprocess.CompletedProcess(args, proc.returncode, "", stderr), None,
+                [LOG_LINES, line])
+  match = re.fullmatch(line, stderr.splitlines()[-1])
+  assert match[1] == match[2]
   step = int(match[1])
   assert 4 <= step < 14
   checkpoints = os.path.join(stopped, "checkpoints")
@@ -57,6 +62,31 @@ def test_a_signal_saves_at_the_next_step_and_a_rerun_resumes(tmp_path, train_com
   assert losses(stopped) == losses(straight)  # every step, bitwise
   assert steps(stopped) == list(range(1, 15))
   assert digest(os.path.join(checkpoints, str(step))) == saved
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_signal_while_starting_stops_before_the_first_step_and_saves_nothing(
+    tmp_path, tiny_config, monkeypatch, digest, resumed):
+  config = tiny_config(num_train_steps=4, checkpoint_every_steps=2)
+  workdir = str(tmp_path / "run")
+  if resumed:
+    train.train_and_evaluate(config, workdir, stop_at_step=2)
+  before = digest(workdir) if resumed else {}
+  prepare = processes.make_process_data
+
+  def prepare_then_signal(*args):
+    data = prepare(*args)
+    os.kill(os.getpid(), signal.SIGTERM)  # a preemption while the run starts
+    time.sleep(0.1)  # Python runs the handler between bytecodes
+    return data
+
+  monkeypatch.setattr(processes, "make_process_data", prepare_then_signal)
+  first, then = (3, "resume") if resumed else (1, "start")
+  with pytest.raises(interrupt.Interrupted, match=rf"^stopped by SIGTERM before step {first}: "
+                     rf"nothing new to save; run the same command again to {then}$"):
+    train.train_and_evaluate(config, workdir)
+  saved = {k: v for k, v in digest(workdir).items() if k.startswith("checkpoints/")}
+  assert saved == {k: v for k, v in before.items() if k.startswith("checkpoints/")}
 
 
 @pytest.mark.slow  # fast: the signal tests
@@ -88,31 +118,44 @@ def test_a_second_run_on_a_busy_workdir_is_refused_and_a_dead_ones_lock_is_not(
           "resuming from checkpoint at step" in third.stdout)
 
 
+@pytest.mark.parametrize("filled_by", ["checkpoints", "metrics"])
 def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(
-    tmp_path, train_command, digest, repo):
+    tmp_path, train_command, repo, filled_by):
   small = tmp_path / "small"
   small.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(small)],
+  # 3 MB hold a few checkpoints of the tiny model; 48 kB the config, the tokenizer and some
+  # metrics, with no checkpoint before the end.
+  size, steps, flags = {"checkpoints": ("3m", 40, ()),
+                        "metrics": ("48k", 400, ("--config.checkpoint_every_steps=0",))}[filled_by]
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(small)],
                     capture_output=True).returncode:
-    pytest.skip("cannot mount a 3 MB tmpfs here")
+    pytest.skip("cannot mount a tmpfs here")
   try:
     workdir = str(small / "run")
-    args, env = train_command(workdir, 40)  # a checkpoint every 2 steps, all kept
+    args, env = train_command(workdir, steps, *flags)  # checkpoints every 2 steps, all kept
     result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
-    # Orbax's and TensorStore's threads may still print their own lines (even tracebacks) as
-    # the process exits: asyncio's "Task exception was never retrieved" for Orbax's abandoned
-    # writes came after ours in a fresh-clone run (issue 35 keeps this open); the run's own
-    # report is one line.
-    # The disk fills during a checkpoint save or a metrics write, whichever comes first.
-    pattern = (rf"error: (?:saving a checkpoint in {workdir}/checkpoints|writing metrics in "
-               rf"{workdir}) failed \(.+\); the last complete checkpoint is step (\d+)")
-    found = [m for m in (re.fullmatch(pattern, line) for line in result.stderr.splitlines()) if m]
-    assert len(found) == 1, result.stderr[-3000:]
-    match = found[0]
-    complete = checkpoint.Checkpointer(workdir, read_only=True).all_steps()
-    assert complete and max(complete) == int(match[1])
+    # With checkpoints, the disk fills during a save or a metrics write, whichever comes first.
+    # Our line ends the output: nothing of Orbax's abandoned writes or TensorBoard's pending
+    # events follows it. Orbax logs the failed save's error (timestamped, as every log line)
+    # before.
+    line = (rf"error: (?:saving a checkpoint in {workdir}/checkpoints|writing metrics in "
+            rf"{workdir}) failed \(.+\); the last complete checkpoint is step (\d+)")
+    if filled_by == "metrics":
+      line = re.escape(f"error: writing metrics in {workdir} failed (No space left on device); "
+                       "no checkpoint is complete yet")
+    orbax_errors = Repeated(r"E\d{4} [\d:.]+ +\d+ \S+:\d+\] .*")
+    assert_output(result, [DATA_LINES, "model: .*", PROGRESS_LINES],
+                  [LOG_LINES, orbax_errors, line])
+    match = re.fullmatch(line, result.stderr.splitlines()[-1])
+    checkpointer = checkpoint.Checkpointer(workdir, read_only=True)
+    complete = checkpointer.all_steps()
+    if filled_by == "checkpoints":
+      assert complete and max(complete) == int(match[1])
+      assert checkpointer.verify(max(complete)) is None  # the last complete one reads back
+    else:
+      assert complete == []
   finally:
     subprocess.run(["umount", str(small)], check=True)
 

@@ -10,11 +10,12 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
+
+from conftest import assert_output
 
 # (mesh, dcn): data=2 × expert=4 with the expert exchange spanning both processes, and
 # fsdp=2 × expert=2 × tensor=2 with fsdp across them.
@@ -50,17 +51,32 @@ def _start(command):
                           text=True)
 
 
-def _wait_for_step(workdir, step, process, timeout=300):
-  """Waits until `process` has logged `step`."""
+def _wait_for_line(workdir, process, pattern, timeout=300):
+  """Waits until `process` has logged a line matching `pattern`."""
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
     try:
-      if re.search(rf"step {step}/", _log(workdir, process)):
+      if re.search(pattern, _log(workdir, process)):
         return
     except FileNotFoundError:
       pass
-    time.sleep(0.2)
-  pytest.fail(f"process {process} did not reach step {step}")
+    time.sleep(0.05)
+  pytest.fail(f"process {process} never logged {pattern!r}")
+
+
+def _wait_for_step(workdir, step, process, timeout=300):
+  """Waits until `process` has logged `step`."""
+  _wait_for_line(workdir, process, rf"step {step}/", timeout)
+
+
+def _wait_for_pid(workdir, process, timeout=60) -> int:
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    try:
+      return _pids(workdir)[process]
+    except (FileNotFoundError, KeyError, ValueError):
+      time.sleep(0.01)
+  pytest.fail(f"process {process} never started")
 
 
 def _complete_checkpoints(workdir) -> list[int]:
@@ -165,6 +181,81 @@ def test_a_killed_process_stops_the_others_in_one_line_and_the_rerun_resumes(
   assert f"resuming from checkpoint at step {last}" in _log(run, 0)
 
 
+@pytest.mark.parametrize("when", ["before_jax_starts", "while_starting"])
+def test_an_early_sigterm_to_one_process_stops_every_process_in_seconds(tmp_path, launch_command,
+                                                                        when):
+  run = tmp_path / "run"
+  launcher = _start(launch_command(run, 40, 2, 4))
+  pid = _wait_for_pid(run, 1)
+  if when == "while_starting":  # JAX's preemption service is up: it tells the other process
+    _wait_for_line(run, 1, "Preparing data")
+  os.kill(pid, signal.SIGTERM)
+  sent = time.monotonic()
+  _, stderr = launcher.communicate(timeout=300)
+  took = time.monotonic() - sent
+  assert launcher.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+  assert took < 60  # no preemption barrier left waiting for a process that is gone (180 s)
+  logs = [_log(run, i) for i in (0, 1)]
+  for log in logs:
+    for noise in ("Traceback", "Exception ignored", "Check failure", "error"):
+      assert noise not in log, log[-3000:]
+  checkpoints = os.listdir(run / "checkpoints") if (run / "checkpoints").exists() else []
+  if when == "before_jax_starts":  # it dies at once; the launcher stops the other
+    assert stderr.splitlines()[-1].startswith("local.sh: process 1 exited with code 143 first")
+    assert checkpoints == []
+  else:  # both stop at one step, before the first (nothing saved) or after it (saved whole)
+    last = [log.strip().splitlines()[-1] for log in logs]
+    assert last[0] == last[1], last
+    match = re.fullmatch(r"stopped by SIGTERM (?:before step 1: nothing new to save; run the "
+                         r"same command again to start|at step (\d+): checkpoint \1 saved; run "
+                         r"the same command again to resume)", last[0])
+    assert match, last[0]
+    assert checkpoints == ([match[1]] if match[1] else [])
+
+
+# Loaded into process 1 of a run (sitecustomize): its shards of checkpoint 6's train state do
+# not read back, while process 0 reads its own. A disk fault one host sees and the other not.
+_UNREADABLE_ON_PROCESS_1 = """
+import os
+if os.environ.get("JAX_PROCESS_ID") == "1":
+  from mixtral_jax.training import checkpoint
+  read = checkpoint.Checkpointer._read
+  def read_or_fail(self, step, item, args):
+    if step == 6 and item == "train":
+      raise OSError("planted: unreadable on this host")
+    return read(self, step, item, args)
+  checkpoint.Checkpointer._read = read_or_fail
+"""
+
+
+def test_a_checkpoint_one_process_cannot_read_is_set_aside_by_every_process(tmp_path,
+                                                                            launch_command, digest):
+  run = tmp_path / "run"
+  out = _run(launch_command(run, 8, 2, 4, *MESHES["expert_across"], "--stop_at_step=6"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  first = _losses(run)
+  kept = {step: digest(run / "checkpoints" / str(step)) for step in (2, 4, 6)}
+  fault = tmp_path / "fault"
+  fault.mkdir()
+  (fault / "sitecustomize.py").write_text(_UNREADABLE_ON_PROCESS_1)
+  args, env = launch_command(run, 8, 2, 4, *MESHES["expert_across"])
+  out = _run((args, dict(env, PYTHONPATH=str(fault))))
+  assert out.returncode == 0, out.stderr[-3000:]
+  warning = (rf"W\d{{4}} .* loop.py:\d+\] {run}/checkpoints/6 is damaged: its arrays do not "
+             rf"read back on process 1 \(OSError: planted: unreadable on this host\); set aside "
+             rf"as {run}/checkpoints/6.damaged, resuming from the checkpoint before it")
+  for process in (0, 1):
+    log = _log(run, process)
+    assert "resuming from checkpoint at step 4" in log
+    said = [line for line in log.splitlines() if re.match(r"[WEF]\d{4} |Traceback|Exception", line)]
+    assert len(said) == 1 and re.fullmatch(warning, said[0]), log[-3000:]
+  assert _complete_checkpoints(run) == [2, 4, 6, 8]
+  for step in (2, 4):
+    assert digest(run / "checkpoints" / str(step)) == kept[step]
+  assert digest(run / "checkpoints" / "6.damaged") == kept[6]  # set aside as it was
+  assert _losses(run)[:6] == first  # steps 5 and 6 redone from checkpoint 4, bitwise
+
+
 @pytest.mark.parametrize("before,after", [pytest.param(2, 1, marks=pytest.mark.slow),
                                           pytest.param(1, 2, marks=pytest.mark.slow)])
 def test_resuming_on_another_process_count_continues_the_loss_curve(tmp_path, launch_command,
@@ -197,7 +288,7 @@ def _one_line_error(text: str) -> str:
 def test_bad_distributed_flags_give_one_line(tmp_path, train_command, flags, message):
   out = _run(train_command(tmp_path / "run", 2, *flags), timeout=60)
   assert out.returncode == 1
-  assert re.search(message, _one_line_error(out.stderr))
+  assert_output(out, [], [f"error: .*{message}.*"])
 
 
 def test_processes_told_different_process_counts_stop_in_one_line_each(tmp_path,

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 
-import ml_collections
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import DATA_LINES, LOG_LINES, assert_output
 from mixtral_jax import config as config_lib
 from mixtral_jax.data import pipeline as data_lib
 from mixtral_jax.data import processes
@@ -132,8 +133,8 @@ def test_cli_reports_bad_config_in_one_line(tmp_path, repo):
        f"--workdir={tmp_path / 'run'}", "--config.model.experts_per_token=9"],
       cwd=repo, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
-  assert result.stderr.strip().splitlines()[-1] == (
-      "error: config.model.experts_per_token: 9 exceeds model.num_experts=8")
+  assert_output(result, [], [re.escape(
+      "error: config.model.experts_per_token: 9 exceeds model.num_experts=8")])
   assert not os.path.exists(tmp_path / "run")
 
 
@@ -152,7 +153,7 @@ def test_cli_refuses_optimizer_settings_that_would_train_on_nan(tmp_path, train_
   args, env = train_command(workdir, 4, f"--config.{flag}")
   result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 1
-  assert result.stderr.strip().splitlines()[-1] == f"error: {message}"
+  assert_output(result, [DATA_LINES], [LOG_LINES, re.escape(f"error: {message}")])
   assert digest(workdir) == saved
 
 
@@ -194,8 +195,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, train_command, repo, case):
   args, env = train_command(str(workdir), 2, *flags)
   result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 1
-  assert result.stderr.strip().splitlines()[-1] == message
-  assert "Traceback" not in result.stderr
+  assert_output(result, [DATA_LINES], [LOG_LINES, re.escape(message)])
   assert not workdir.exists() or not (workdir / "config.json").exists()
   assert bogus.read_bytes() == b"not a sentencepiece model"
 
@@ -208,8 +208,8 @@ def test_cli_reports_a_glob_matching_nothing_in_one_line(tmp_path, repo):
        f"--config.data.files={tmp_path}/corpus/*.txt", f"--config.data.data_dir={tmp_path}"],
       cwd=repo, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
-  assert result.stderr.strip().splitlines()[-1] == (
-      f"error: config.data.files: '{tmp_path}/corpus/*.txt' matches no files")
+  assert_output(result, [], [LOG_LINES, re.escape(
+      f"error: config.data.files: '{tmp_path}/corpus/*.txt' matches no files")])
 
 
 def _umask() -> int:

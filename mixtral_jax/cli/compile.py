@@ -21,16 +21,15 @@ from mixtral_jax.cli import common
 def main(argv: Optional[list[str]] = None) -> int:
   """Compiles the config's train step for the topology; returns the exit code."""
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # nothing runs: the host backend will do
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # off Google Cloud the query can hang
-  # Compile-only devices use no TPU: several compiles (or one beside training) may share libtpu.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from absl import flags
+  from mixtral_jax.runtime import platforms
   from mixtral_jax.tools import compile as compile_lib  # after the environment above
   argv = sys.argv[1:] if argv is None else argv
   parser = argparse.ArgumentParser(prog="mixtral-compile", description=__doc__.splitlines()[0])
   parser.add_argument("--topology", required=True, help=", ".join(compile_lib.TOPOLOGIES))
   parser.add_argument("--save", help="directory for the report as report.json")
   args, config_args = parser.parse_known_args(argv)
+  platforms.quiet_compile_only_tpu(args.topology)  # libtpu loads at the first compile
   try:
     config = common.parse_config_args(config_args, "configs/default.py")
   except (flags.Error, KeyError, AttributeError) as e:  # a flag, or a --config.* naming no field

@@ -63,31 +63,32 @@ def main(argv) -> None:
     print(e, file=sys.stderr, flush=True)
     raise SystemExit(128 + e.signum) from None  # the shell's code for death by that signal
   except UserError as e:
-    _fail(f"error: {e}", several=given is not None)
+    _fail(f"error: {e}")
   except Exception as e:
     if given is None:
       raise
     reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
     if isinstance(e, jax.errors.JaxRuntimeError) and ("Gloo" in reason or "onnection" in reason):
       _fail(f"error: a collective with another process of this run broke off ({reason}): that "
-            f"process probably died; this one stops too. {distributed.LOST_PEER}", several=True)
+            f"process probably died; this one stops too. {distributed.LOST_PEER}")
     if isinstance(e, jax.errors.JaxRuntimeError) and "heartbeat timeout" in reason:
       # A barrier (e.g. Orbax's) met the lost peer before the service's own fatal report.
-      _fail(distributed.lost_peer_line(reason, _DISTRIBUTED.heartbeat_timeout.value),
-            several=True)
+      _fail(distributed.lost_peer_line(reason, _DISTRIBUTED.heartbeat_timeout.value))
     traceback.print_exc()
-    _fail("", several=True)
+    _fail("")
 
 
-def _fail(message: str, several: bool) -> None:
-  """Exits with code 1 after `message`. One of several processes exits at once: JAX's shutdown
-  would wait for peers that may be blocked in a collective with this one; they see it gone by
-  its heartbeats instead."""
-  if not several:
-    raise SystemExit(message) from None
+def _fail(message: str) -> None:
+  """Exits with code 1 after `message`, at once. What would run at a normal exit after a
+  failure could only add to it or wait: libraries' exit handlers (TensorBoard flushing its
+  events to the disk that just filled, with a traceback) and, with several processes, JAX's
+  shutdown waiting for peers that may be blocked in a collective with this one (they see this
+  one gone by its heartbeats). The workdir's lock is already released; complete checkpoints
+  are complete, and a save cut short is ignored on the next run."""
   if message:
     print(message, file=sys.stderr)
   sys.stdout.flush()
+  sys.stderr.flush()
   distributed.close_stderr()
   os._exit(1)
 

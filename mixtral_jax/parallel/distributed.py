@@ -8,7 +8,11 @@ metadata server). A single-host run does nothing extra.
 
 When a process dies, JAX's distributed service notices its missing heartbeats and aborts every
 other process with a long C++ log and stack trace. In a multi-process run this process's stderr
-passes through `python -m mixtral_jax.distributed`, which prints that as one line instead.
+passes through `python -m mixtral_jax.parallel.distributed`, which prints that as one line
+instead.
+
+`agree` asks every process one question through the coordination service (e.g. whether its
+shards of a checkpoint read back), so that all act on the same answers.
 """
 
 import os
@@ -26,6 +30,7 @@ _ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_
 
 
 _filter: Optional[subprocess.Popen] = None  # the stderr filter, once started
+_asked: dict[str, int] = {}  # how many times each question of `agree` was asked here
 
 
 # How every lost-peer line ends.
@@ -99,6 +104,33 @@ def initialize(given: dict, *, init_timeout: int, heartbeat_timeout: int,
       raise DistributedError(f"--{name}={given[name]} here, but the run's coordinator says "
                              f"{actual}: give every process the same --num_processes and its "
                              "own --process_id")
+
+
+def client():
+  """The client of JAX's coordination service (after `initialize`), for its key-value store.
+
+  JAX has no public API for the store; multihost_utils and the compilation cache use this
+  client too."""
+  from jax._src import distributed
+  return distributed.global_state.client
+
+
+def agree(question: str, answer: str, timeout_s: int = 24 * 3600) -> list[str]:
+  """Every process's `answer` to `question`, in process order, through the coordination service.
+
+  Every process asks the same questions in the same order (the n-th asking of a question is its
+  own exchange). One process: `[answer]`. A process that dies meanwhile stops the others
+  through the service's heartbeats, so the generous timeout only bounds a process that hangs.
+  """
+  import jax
+  if jax.process_count() == 1:
+    return [answer]
+  n = _asked[question] = _asked.get(question, -1) + 1
+  key = f"mixtral_jax/{question}/{n}"
+  store = client()
+  store.key_value_set(f"{key}/{jax.process_index()}", answer)
+  return [store.blocking_key_value_get(f"{key}/{i}", timeout_s * 1000)
+          for i in range(jax.process_count())]
 
 
 def _filter_stderr(heartbeat_timeout: int, init_timeout: int, coordinator: str) -> None:

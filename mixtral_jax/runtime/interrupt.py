@@ -52,7 +52,8 @@ class StopRequests:
       signal.raise_signal(signal.SIGTERM)  # to JAX's handler, which tells the other processes
 
   def stop_after(self, step: int) -> Optional[int]:
-    """The signal to stop on after `step` (every process calls this at every step), if any."""
+    """The signal to stop on after `step` (every process calls this at every step, and with the
+    start step before the first), if any."""
     if not self._shared:
       return self.received
     if multihost_utils.reached_preemption_sync_point(step):

@@ -16,16 +16,11 @@ import socket
 import threading
 from typing import Callable, Optional
 
+from mixtral_jax.parallel import distributed as distributed_lib
+
 _PREFIX = "mixtral_sweep"
 _WAIT_MS = 5_000  # a blocking read's slice: a stop request is noticed within it
 _TRIAL_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-
-
-def _client():
-  # JAX has no public API for its coordination service's key-value store; multihost_utils and
-  # the compilation cache use this client too.
-  from jax._src import distributed
-  return distributed.global_state.client
 
 
 def free_port() -> int:
@@ -58,7 +53,7 @@ class Pod:
 
   def announce(self, index: int, job: Optional[dict]) -> None:
     """Process 0: the `index`-th job for every process (None: the sweep is over)."""
-    _client().key_value_set(f"{_PREFIX}/job/{index}", json.dumps(job))
+    distributed_lib.client().key_value_set(f"{_PREFIX}/job/{index}", json.dumps(job))
 
   def receive(self, index: int, stop: threading.Event) -> Optional[dict]:
     """The `index`-th job (None: the sweep is over, or `stop` was set while waiting)."""
@@ -67,7 +62,7 @@ class Pod:
 
   def report(self, index: int, code: int, reason: str) -> None:
     """How this process's part of the `index`-th job ended."""
-    _client().key_value_set(f"{_PREFIX}/exit/{index}/{self.process_id}",
+    distributed_lib.client().key_value_set(f"{_PREFIX}/exit/{index}/{self.process_id}",
                             json.dumps({"code": code, "reason": reason}))
 
   def gather(self, index: int) -> list[tuple[int, int, str]]:
@@ -82,7 +77,7 @@ class Pod:
   def _wait(key: str, stop: Optional[threading.Event]) -> Optional[str]:
     while stop is None or not stop.is_set():
       try:
-        return _client().blocking_key_value_get(key, _WAIT_MS)
+        return distributed_lib.client().blocking_key_value_get(key, _WAIT_MS)
       except Exception as e:  # jaxlib's error for a deadline carries no type of its own
         if "DEADLINE_EXCEEDED" not in str(e) and "timed out" not in str(e).lower():
           raise

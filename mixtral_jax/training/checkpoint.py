@@ -4,11 +4,11 @@ A checkpoint holds three Orbax items: `params`, `train` (every other field of th
 step, optimizer state, RNG, …) and `meta` (a `Meta`: the config it was trained with and the data
 position). The parameters are an item of their own so that export reads them alone, without the
 AdamW moments (twice their size); a checkpoint imported from HF holds no `train` item and
-resumes with a fresh optimizer state. Orbax writes a save into a temporary directory and renames it only when
-complete, so a crash mid-save leaves no `<step>` directory, only a temporary one that is ignored
-and cleaned up on restart.
+resumes with a fresh optimizer state. Orbax writes a save into a temporary directory and renames
+it only when complete, so a crash mid-save leaves no `<step>` directory, only a temporary one
+that is ignored and cleaned up on restart.
 
-    python -m mixtral_jax.checkpoint info [--verify] WORKDIR
+    mixtral-checkpoint info [--verify] WORKDIR
 
 `--verify` reads every array back (into host memory) and marks the checkpoints that fail.
 """
@@ -22,8 +22,11 @@ from typing import Any, Callable, Optional
 import jax
 import orbax.checkpoint as ocp
 from absl import flags
+from etils import epath
 
 from mixtral_jax.errors import UserError
+from mixtral_jax.parallel import distributed
+from mixtral_jax.runtime import event_loops
 from mixtral_jax.runtime.workdir import WorkDir
 
 
@@ -37,7 +40,9 @@ class DamagedCheckpointError(CheckpointError):
 
 def _first_line(e: Exception) -> str:
   line = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0]
-  return f"{type(e).__name__}: {line[:200]}"
+  if len(line) > 200:  # the cause (e.g. "No space left on device") ends a long message
+    line = f"{line[:120]} … {line[-75:]}"
+  return f"{type(e).__name__}: {line}"
 
 
 def _path_str(path) -> str:
@@ -113,6 +118,7 @@ class Checkpointer:
     self.directory = self.workdir.checkpoints
     if read_only and not os.path.isdir(self.directory):
       raise CheckpointError(f"{self.directory}: no checkpoints directory")
+    event_loops.install()  # a failed read or write ends before we report it, not after
     if jax.process_count() > 1:
       # Orbax's default barrier is a device collective. Run from its background save thread it
       # can interleave with the train step's collectives in another order on each process
@@ -122,6 +128,11 @@ class Checkpointer:
     # Read-only, the saving options take the values Orbax would force (and warn about).
     saving = ({"save_interval_steps": 0, "max_to_keep": None, "cleanup_tmp_directories": False}
               if read_only else {"max_to_keep": keep, "cleanup_tmp_directories": True})
+    # Reads go to the items' handlers, not through the manager, which ends each read at a
+    # barrier of all processes: one whose shards fail to read would leave the others waiting
+    # there (and meet them at the next read's). `restore` makes its own agreement instead.
+    self._readers = {"params": ocp.StandardCheckpointHandler(),
+                     "train": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     with _quiet_read_only(read_only):
       self._manager = ocp.CheckpointManager(
           self.directory,
@@ -144,11 +155,14 @@ class Checkpointer:
     """The directory of checkpoint `step`."""
     return os.path.join(self.directory, str(step))
 
+  def _read(self, step: int, item: str, args: ocp.args.CheckpointArgs) -> Any:
+    """Item `item` of checkpoint `step`: this process's shards of it."""
+    return self._readers[item].restore(epath.Path(self.step_dir(step)) / item, args=args)
+
   def meta(self, step: int) -> Meta:
     """The config and data position saved with `step`."""
     try:
-      return Meta.from_json(self._manager.restore(
-          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+      return Meta.from_json(self._read(step, "meta", ocp.args.JsonRestore()))
     except Exception as e:
       raise DamagedCheckpointError(f"{self.step_dir(step)} is not a readable mixtral_jax "
                                    f"checkpoint ({_first_line(e)})") from None
@@ -176,7 +190,9 @@ class Checkpointer:
     shardings; nothing is allocated but the restored arrays. A checkpoint of parameters alone (an
     HF import) gives `from_params(params)`, the step-0 state around them. `check(meta, has train
     state)`, if given, runs before any array is read and may raise. Raises CheckpointError
-    naming the first tensor whose saved shape differs.
+    naming the first tensor whose saved shape differs, and DamagedCheckpointError on every
+    process if any process's shards do not read back (each reads its own; they agree through
+    the coordination service, so all go on from the same checkpoint or none).
     """
     step = self.latest_step() if step is None else step
     meta = self.meta(step)
@@ -189,12 +205,18 @@ class Checkpointer:
     elif from_params is None:
       raise CheckpointError(f"{self.step_dir(step)} holds parameters only (no optimizer state)")
     self._check_shapes(step, meta, metadata, targets)
+    restored, failure = {}, ""
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          **{item: _restore_args(target) for item, target in targets.items()}))
+      for item, target in targets.items():
+        restored[item] = self._read(step, item, _restore_args(target))
     except Exception as e:  # the shapes matched: the files themselves are bad
+      failure = _first_line(e)
+    failures = [(i, why) for i, why in enumerate(distributed.agree("restore", failure)) if why]
+    if failures:
+      process, why = failures[0]
+      where = f" on process {process}" if jax.process_count() > 1 else ""
       raise DamagedCheckpointError(f"{self.step_dir(step)} is damaged: its arrays do not read "
-                                   f"back ({_first_line(e)})") from None
+                                   f"back{where} ({why})")
     if "train" not in restored:
       return from_params(restored["params"]), meta
     return abstract_state.replace(params=restored["params"], **restored["train"]), meta
@@ -208,8 +230,7 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     self._check_shapes(step, self.meta(step), self._manager.item_metadata(step),
                        {"params": abstract_params})
-    return self._manager.restore(step, args=ocp.args.Composite(
-        params=_restore_args(abstract_params)))["params"]
+    return self._read(step, "params", _restore_args(abstract_params))
 
   def verify(self, step: int) -> Optional[str]:
     """None if every array of checkpoint `step` reads back, else why not (one line).
@@ -223,17 +244,19 @@ class Checkpointer:
         if metadata.get(item) is not None:
           target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu),
                                 metadata[item])
-          self._manager.restore(step, args=ocp.args.Composite(
-              **{item: ocp.args.StandardRestore(target)}))
+          self._read(step, item, ocp.args.StandardRestore(target))
     except Exception as e:
       return _first_line(e)
     return None
 
   def set_aside(self, step: int) -> str:
     """Renames damaged checkpoint `step` to `<step>.damaged` (kept for a look, no longer a
-    step, so training can save that step again); returns the new path."""
+    step, so training can save that step again); returns the new path. Every process calls it:
+    process 0 renames, and none goes on before the rename is done."""
     aside = f"{self.step_dir(step)}.damaged"
-    os.replace(self.step_dir(step), aside)
+    if jax.process_index() == 0:
+      os.replace(self.step_dir(step), aside)
+    distributed.agree("set_aside", aside)
     self._manager.reload()
     return aside
 
@@ -243,10 +266,8 @@ class Checkpointer:
     try:
       yield
     except Exception as e:
-      # Read from disk: this manager also lists the step whose save just failed.
-      complete = Checkpointer(self.workdir.path, read_only=True).latest_step()
       raise CheckpointError(f"saving a checkpoint in {self.directory} failed ({_first_line(e)}); "
-                            f"the last complete checkpoint is step {complete}") from None
+                            f"{last_complete(self.workdir.path)}") from None
 
   def check(self) -> None:
     """Raises CheckpointError if an async save in flight has failed; cheap, never waits."""
@@ -277,9 +298,19 @@ class Checkpointer:
       self._manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for in-flight saves, then releases the manager."""
+    """Waits for in-flight saves, then releases the manager and the readers."""
     self.wait()
     self._manager.close()
+    for reader in self._readers.values():
+      reader.close()
+
+
+def last_complete(workdir: str) -> str:
+  """"the last complete checkpoint is step N" (or that none is), as the disk says now: a
+  manager that is saving also lists the step whose save just failed."""
+  step = Checkpointer(workdir, read_only=True).latest_step()
+  return "no checkpoint is complete yet" if step is None else (
+      f"the last complete checkpoint is step {step}")
 
 
 def _model_summary(config: dict) -> str:

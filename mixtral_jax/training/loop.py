@@ -138,8 +138,9 @@ def _restore_or_init(setup: build_lib.Setup, checkpointer: checkpoint_lib.Checkp
   """(state, start step, this process's data state) to train from: the latest checkpoint that
   reads back, its config checked against this run's first; a fresh state if there is none.
 
-  A damaged checkpoint (files that do not read back) is set aside with a warning and the one
-  before it used; if the oldest is damaged too, its one-line error is raised.
+  A damaged checkpoint (files that do not read back on any process) is set aside with a warning
+  and the one before it used, by every process alike; if the oldest is damaged too, its one-line
+  error is raised.
   """
   steps = checkpointer.all_steps()
   for step in reversed(steps):
@@ -148,24 +149,24 @@ def _restore_or_init(setup: build_lib.Setup, checkpointer: checkpoint_lib.Checkp
     except checkpoint_lib.DamagedCheckpointError as e:
       if step == steps[0]:
         raise
-      if jax.process_index() == 0:
-        aside = checkpointer.set_aside(step)
-        logging.warning("%s; set aside as %s, resuming from the checkpoint before it", e, aside)
+      aside = checkpointer.set_aside(step)
+      logging.warning("%s; set aside as %s, resuming from the checkpoint before it", e, aside)
   return setup.init_state(), 0, None
 
 
 def _restore(setup: build_lib.Setup, checkpointer: checkpoint_lib.Checkpointer, step: int):
   config, where = setup.config, checkpointer.step_dir(step)
+  changes = []
 
   def check(meta: checkpoint_lib.Meta, has_train_state: bool) -> None:
     saved = meta.config
     if not has_train_state:  # an HF import: only its model is a given
       saved = {**config_lib.json_of(config), "model": saved.get("model", {})}
-    changes = config_lib.check_resume(saved, config, where)
-    if changes:
-      logging.warning("Resuming %s with changed settings: %s", where, "; ".join(changes))
+    changes.extend(config_lib.check_resume(saved, config, where))
 
   state, meta = setup.restore(checkpointer, step, check)
+  if changes:  # said once the checkpoint has read back: a damaged one is not resumed
+    logging.warning("Resuming %s with changed settings: %s", where, "; ".join(changes))
   with _device_reads():
     start_step = int(state.step)
   print(f"resuming from checkpoint at step {start_step} in {checkpointer.workdir.path}",
@@ -194,6 +195,15 @@ def _train(setup: build_lib.Setup, workdir: WorkDir, stop_at_step: Optional[int]
     checkpointer.close()
     print(f"nothing to do: the checkpoint is at step {start_step}, the run ends at {last_step}")
     return {"resumed_step": start_step}
+  # A signal that came while the run was starting stops it before the first step compiles
+  # (minutes, for a large model): there is nothing new to save.
+  stop_signal = stops.stop_after(start_step)
+  if stop_signal is not None:
+    checkpointer.close()
+    raise interrupt.Interrupted(
+        stop_signal, f"stopped by {signal.Signals(stop_signal).name} before step "
+        f"{start_step + 1}: nothing new to save; run the same command again to "
+        f"{'resume' if start_step else 'start'}")
   if jax.process_count() > 1:
     owner = np.vectorize(lambda d: d.process_index)(setup.mesh.devices)
     logging.info("Process of each mesh device (%s): %s", ", ".join(setup.mesh.axis_names),
@@ -219,9 +229,8 @@ def _train(setup: build_lib.Setup, workdir: WorkDir, stop_at_step: Optional[int]
     try:
       writer.write(step, logged)
     except metrics_lib.MetricsError as e:
-      complete = checkpoint_lib.Checkpointer(workdir.path, read_only=True).latest_step()
       raise metrics_lib.MetricsError(
-          f"{e}; the last complete checkpoint is step {complete}") from None
+          f"{e}; {checkpoint_lib.last_complete(workdir.path)}") from None
     # The first step's time is mostly compilation: no ETA from it.
     progress.show(step, float(logged["loss"]), logged["tokens_per_sec"],
                   seconds_per_step if step > start_step + 1 else None)
