@@ -22,7 +22,8 @@ from mixtral_jax.training import loop
 
 
 def _only_our_info(record: pylogging.LogRecord) -> bool:
-  """Keeps warnings and our own progress; drops libraries' INFO chatter (Orbax logs every save).
+  """Keeps warnings and our own progress; drops libraries' INFO chatter (Orbax logs every save)
+  and TFDS's warning that the dataset folder it is building has no dataset_info.json yet.
 
   Orbax's background threads log a failed save with its traceback; the loop reports the
   failure in one line, so their record keeps its message line only.
@@ -30,6 +31,9 @@ def _only_our_info(record: pylogging.LogRecord) -> bool:
   ours = f"{os.sep}mixtral_jax{os.sep}" in record.pathname
   if f"{os.sep}orbax{os.sep}" in record.pathname:
     record.exc_info = record.exc_text = None
+  if (f"{os.sep}tensorflow_datasets{os.sep}" in record.pathname and
+      record.getMessage().endswith("has no dataset_info.json")):
+    return False
   return ours or record.levelno >= pylogging.WARNING
 
 
