@@ -63,7 +63,7 @@ class Pod:
   def report(self, index: int, code: int, reason: str) -> None:
     """How this process's part of the `index`-th job ended."""
     distributed_lib.client().key_value_set(f"{_PREFIX}/exit/{index}/{self.process_id}",
-                            json.dumps({"code": code, "reason": reason}))
+                                           json.dumps({"code": code, "reason": reason}))
 
   def gather(self, index: int) -> list[tuple[int, int, str]]:
     """Process 0: (process, exit code, reason) of every other process's part of a job."""

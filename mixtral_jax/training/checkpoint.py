@@ -306,8 +306,9 @@ class Checkpointer:
 
 
 def last_complete(workdir: str) -> str:
-  """"the last complete checkpoint is step N" (or that none is), as the disk says now: a
-  manager that is saving also lists the step whose save just failed."""
+  """Says which checkpoint is the last complete one ("the last complete checkpoint is step N",
+  or that none is), as the disk says now: a manager that is saving also lists the step whose
+  save just failed."""
   step = Checkpointer(workdir, read_only=True).latest_step()
   return "no checkpoint is complete yet" if step is None else (
       f"the last complete checkpoint is step {step}")

@@ -138,7 +138,7 @@ def _restore_or_init(setup: build_lib.Setup, checkpointer: checkpoint_lib.Checkp
   """(state, start step, this process's data state) to train from: the latest checkpoint that
   reads back, its config checked against this run's first; a fresh state if there is none.
 
-  A damaged checkpoint (files that do not read back on any process) is set aside with a warning
+  A damaged checkpoint (files that some process cannot read back) is set aside with a warning
   and the one before it used, by every process alike; if the oldest is damaged too, its one-line
   error is raised.
   """
