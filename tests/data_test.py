@@ -108,6 +108,21 @@ def test_local_files_build_a_tfds_dataset_of_every_document(tmp_path, corpus_dir
   assert list(again.eval) == held_out
 
 
+def test_a_corpus_another_run_finishes_building_meanwhile_is_read_whole(tmp_path, corpus_dir):
+  # A sweep's two trials start together: this one makes its builder while the other is still
+  # building the dataset, which is complete by the time this one checks.
+  paths = sources.match_files(f"{corpus_dir}/**/*.py")
+  make = lambda: sources.TextFiles(paths=paths, text_key="text", eval_fraction=0.25,
+                                   data_dir=str(tmp_path))
+  made_early = make()
+  make().download_and_prepare(download_config=tfds.download.DownloadConfig(
+      try_download_gcs=False))  # the other run
+  assert made_early.is_prepared() and not made_early.info.splits  # what this run would hold
+  builders = iter([made_early])
+  builder = sources._prepared(lambda: next(builders, None) or make(), str(tmp_path))
+  assert len(builder.as_data_source(split="train")) > 0
+
+
 def test_a_small_corpus_still_holds_out_one_document(tmp_path):
   # 17 names that the 2% hash split would all keep for training.
   names = [n for n in (f"LICENSE-{i}.txt" for i in range(100))

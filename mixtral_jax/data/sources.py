@@ -209,18 +209,18 @@ def _prepared(make_builder: Callable[[], tfds.core.DatasetBuilder],
   """A builder of `make_builder`'s dataset, built unless it was; the build runs under a lock on
   data_dir, as runs started together (a sweep's trials) would otherwise race to rename the same
   finished build into place."""
-  builder = make_builder()
-  if builder.is_prepared():
-    return builder
-  os.makedirs(data_dir, exist_ok=True)
-  with DirectoryLock(data_dir, ".prepare.lock"):
-    builder = make_builder()  # reads what another run built while this one waited
-    if not builder.is_prepared():
-      tfds.disable_progress_bar()  # tqdm bars would flood the training logs
-      logging.info("Building the dataset in %s...", builder.data_dir)
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  return builder
+  if not make_builder().is_prepared():
+    os.makedirs(data_dir, exist_ok=True)
+    with DirectoryLock(data_dir, ".prepare.lock"):
+      builder = make_builder()  # reads what another run built while this one waited
+      if not builder.is_prepared():
+        tfds.disable_progress_bar()  # tqdm bars would flood the training logs
+        logging.info("Building the dataset in %s...", builder.data_dir)
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  # A builder reads the dataset's info (its splits) when it is made: one made while another run
+  # was still building it has none, even once it is prepared. Made now, it has all.
+  return make_builder()
 
 
 def _files_corpus(data_config, paths: list[str], name: str) -> Corpus:
