@@ -80,21 +80,25 @@ def _wait_for_pid(workdir, process, timeout=60) -> int:
 
 
 # What every process of a run prints as it goes (stdout and stderr in one log): info records,
-# gloo's connection lines (its threads' run into each other: pieces, empty lines), TFDS's
-# dataset lines, the model line, progress bars, the summary; with a SIGTERM, JAX's note that it
-# caught one and Orbax's that it reached the common step to stop at.
-_RUN_LINES = (r"I\d{4} .*", r".*(\[Gloo\] Rank|peer ranks).*", r"",
-              r"W\d{4} .* preemption_notifier.cc:\d+\] SIGTERM caught at .*",
+# TFDS's dataset lines, the model line, progress bars, the summary; with a SIGTERM, JAX's note that
+# it caught one and Orbax's that it reached the common step to stop at.
+_RUN_LINES = (r"I\d{4} .*",
               r"(Downloading and preparing dataset|Dataset \S+ downloaded and prepared) .*",
+              r"W\d{4} .* preemption_notifier.cc:\d+\] SIGTERM caught at .*",
               r"model: .*", r"step \d+/\d+ \[[#.]+\] .*", r"done: .*",
               r"resuming from checkpoint at step \d+ in .*",
               r"W\d{4} .* multihost.py:\d+\] .* Reached preemption sync point, step=\d+")
+# gloo's connection lines, which its threads print piece by piece into each other ("[Gloo] Rank
+# [Gloo] Rank 2 is …"), so their words are taken out as text, leaving numbers and empty lines.
+_GLOO = (r"\[Gloo\] Rank | is connected to | peer ranks\. Expected number of connected peer ranks "
+         r"is : ")
 
 
 def _other_lines(log: str) -> list[str]:
-  """The lines of a process's `log` that are not among `_RUN_LINES`."""
-  return [line for line in log.splitlines()
-          if not any(re.fullmatch(pattern, line) for pattern in _RUN_LINES)]
+  """The lines of a process's `log` that are not among `_RUN_LINES` (nor gloo's)."""
+  return [line for line in re.sub(_GLOO, " ", log).splitlines()
+          if not re.fullmatch(r"[\d ]*", line) and
+          not any(re.fullmatch(pattern, line) for pattern in _RUN_LINES)]
 
 
 def _complete_checkpoints(workdir) -> list[int]:
