@@ -1,7 +1,6 @@
 """`mixtral-compile`: the train step compiled by XLA:TPU for compile-only TPU devices, here."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import sys
 import pytest
 
 from configs import default
-from conftest import assert_output
+from conftest import assert_output, user_env
 from mixtral_jax.runtime import platforms
 from mixtral_jax.tools import compile as compile_lib
 
@@ -65,9 +64,7 @@ def test_the_default_step_compiles_for_tpu_with_experts_over_4_chips(dispatch, a
 @pytest.mark.skipif(platforms._has_tpu(), reason="a TPU host starts libtpu for its own chips")
 def test_a_config_that_cannot_fit_says_so_with_the_numbers(tmp_path, repo):
   # As a user runs it: none of the variables the tests set for libtpu.
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("JAX_PLATFORMS", "TPU_SKIP_MDS_QUERY", "ALLOW_MULTIPLE_LIBTPU_LOAD",
-                      "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES")}
+  env = user_env()
   out = subprocess.run(
       [sys.executable, "-m", "mixtral_jax.cli.compile", "--config=configs/default.py",
        "--topology=v5e-4", "--config.model.num_layers=1", "--config.model.vocab_size=2000000",

@@ -54,6 +54,14 @@ def cpu_env(devices: int) -> dict[str, str]:
                                                                     f"{_DEVICES_FLAG}{devices}"))
 
 
+def user_env() -> dict[str, str]:
+  """The environment as a user's command has it: none of the variables set above (or inherited)
+  that keep JAX on the CPU and tell libtpu what host it is on."""
+  return {k: v for k, v in os.environ.items()
+          if k not in ("JAX_PLATFORMS", "TPU_SKIP_MDS_QUERY", "ALLOW_MULTIPLE_LIBTPU_LOAD",
+                       "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES")}
+
+
 @pytest.fixture(name="cpu_env")
 def cpu_env_fixture():
   """cpu_env(devices): `cpu_env`."""

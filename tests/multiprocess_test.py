@@ -51,17 +51,25 @@ def _start(command):
                           text=True)
 
 
-def _wait_for_line(workdir, process, pattern, timeout=300):
-  """Waits until `process` has logged a line matching `pattern`."""
+def _poll(read, timeout: float, failure: str):
+  """`read()`'s first true value, polled for `timeout` seconds (a file not there yet, or half
+  written, reads as nothing); fails the test with `failure` if none comes."""
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
     try:
-      if re.search(pattern, _log(workdir, process)):
-        return
-    except FileNotFoundError:
-      pass
-    time.sleep(0.05)
-  pytest.fail(f"process {process} never logged {pattern!r}")
+      value = read()
+    except (FileNotFoundError, ValueError):
+      value = None
+    if value:
+      return value
+    time.sleep(0.02)
+  pytest.fail(failure)
+
+
+def _wait_for_line(workdir, process, pattern, timeout=300):
+  """Waits until `process` has logged a line matching `pattern`."""
+  _poll(lambda: re.search(pattern, _log(workdir, process)), timeout,
+        f"process {process} never logged {pattern!r}")
 
 
 def _wait_for_step(workdir, step, process, timeout=300):
@@ -70,13 +78,8 @@ def _wait_for_step(workdir, step, process, timeout=300):
 
 
 def _wait_for_pid(workdir, process, timeout=60) -> int:
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    try:
-      return _pids(workdir)[process]
-    except (FileNotFoundError, KeyError, ValueError):
-      time.sleep(0.01)
-  pytest.fail(f"process {process} never started")
+  """The pid of `process`, once the launcher has written it."""
+  return _poll(lambda: _pids(workdir).get(process), timeout, f"process {process} never started")
 
 
 # What every process of a run prints as it goes (stdout and stderr in one log): info records,

@@ -1,13 +1,12 @@
 """Commands start the accelerators this host has: with libtpu installed (`make test` installs it)
 and no TPU, nothing of libtpu's start-up reaches the output."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import DATA_LINES, PROGRESS_LINES, Repeated, assert_output
+from conftest import DATA_LINES, PROGRESS_LINES, Repeated, assert_output, user_env
 from mixtral_jax.runtime import platforms
 
 
@@ -16,8 +15,7 @@ from mixtral_jax.runtime import platforms
 def test_commands_on_a_cpu_host_print_only_their_own_lines(tmp_path, train_flags, repo):
   # As `make test` then `make train` leave it: libtpu installed, none of the variables the
   # tests set for it.
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("JAX_PLATFORMS", "TPU_SKIP_MDS_QUERY", "ALLOW_MULTIPLE_LIBTPU_LOAD")}
+  env = user_env()
   run = str(tmp_path / "run")
   result = subprocess.run([sys.executable, "-m", "mixtral_jax.main", *train_flags(run, 2)],
                           cwd=repo, env=env, capture_output=True, text=True, timeout=300)
